@@ -1,0 +1,185 @@
+"""The three-line entry point: `dq.quantize(pipe, "w8a8", calib_prompts=[...])`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dq.config import LayerSpec, QuantConfig
+from dq.modules import QuantizedLayerMixin, check_spec_fits, quantized_module_for, resolve_spec
+
+logger = logging.getLogger(__name__)
+
+
+def _check_pipe(pipe: Any) -> nn.Module:
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, nn.Module):
+        raise ValueError(
+            f"dq.quantize needs a diffusers pipeline with a `unet` (e.g. StableDiffusionPipeline, "
+            f"StableDiffusionXLPipeline); got {type(pipe).__name__} without one. Transformer-based "
+            "pipelines (FLUX, SD3) are not supported yet."
+        )
+    return unet
+
+
+def _as_config(config: str | QuantConfig) -> QuantConfig:
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, str):
+        return QuantConfig.from_preset(config)
+    raise ValueError(
+        f"config must be a preset name (e.g. 'w8a8') or a dq.QuantConfig, got {type(config).__name__}"
+    )
+
+
+def quantizable_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    """Name -> float Linear/Conv2d layer of `unet` that dq can replace."""
+    return {
+        name: m
+        for name, m in unet.named_modules()
+        if name and quantized_module_for(m) is not None and not isinstance(m, QuantizedLayerMixin)
+    }
+
+
+def resolve_plan(unet: nn.Module, config: QuantConfig) -> dict[str, LayerSpec | None]:
+    """The explicit per-layer plan for `unet`: every quantizable layer -> its (shape-resolved)
+    spec, or None where it stays in float. Raises ValueError for plan entries naming layers
+    that do not exist, or specs that cannot fit a layer."""
+    layers = quantizable_layers(unet)
+    missing = sorted(set(config.layers) - set(layers))
+    if missing:
+        raise ValueError(
+            f"the plan names {len(missing)} layer(s) the UNet does not have, e.g. {missing[:3]}; "
+            "layer names are those of unet.named_modules() (Linear and Conv2d only)"
+        )
+    plan: dict[str, LayerSpec | None] = {}
+    for name, m in layers.items():
+        spec = config.spec_for(name)
+        if spec is not None:
+            spec = resolve_spec(spec, m.weight.shape)
+            check_spec_fits(spec, m.weight.shape, name)
+        plan[name] = spec
+    return plan
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def apply_plan(
+    unet: nn.Module,
+    plan: dict[str, LayerSpec | None],
+    act_ranges: dict[str, tuple[float, float]] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Replace every layer the plan quantizes by its quantized module, in place.
+
+    Args:
+        unet: the float UNet.
+        plan: name -> LayerSpec (None keeps the layer in float), e.g. from `resolve_plan`.
+        act_ranges: name -> calibrated (min, max) input range, for specs with activations.
+        weights: name -> replacement float weight (e.g. learned rounding results).
+    """
+    act_ranges = act_ranges or {}
+    weights = weights or {}
+    for name, spec in plan.items():
+        if spec is None:
+            continue
+        module = unet.get_submodule(name)
+        cls = quantized_module_for(module)
+        if cls is None:
+            raise ValueError(f"layer {name!r} ({type(module).__name__}) cannot be quantized")
+        q = cls.from_float(module, spec, act_range=act_ranges.get(name), weight=weights.get(name))
+        _set_submodule(unet, name, q)
+    return unet
+
+
+def quantize(
+    pipe: Any,
+    config: str | QuantConfig = "w8a8",
+    calib_prompts: Sequence[str] | None = None,
+    *,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    progress: bool = True,
+    **call_kwargs: Any,
+) -> Any:
+    """Quantize a diffusers pipeline's UNet in place and return the pipeline.
+
+    Activation ranges are calibrated by running the pipeline's own `__call__` on
+    `calib_prompts` with hooks on the UNet (see `dq.capture`); weight-only configs need no
+    prompts.
+
+    Args:
+        pipe: a diffusers pipeline with a `unet` (StableDiffusionPipeline, SDXL, ...).
+        config: a preset name ("w8a8", "w4a16", "w4a8", "w8a16", "fp8", "fp4") or a QuantConfig.
+        calib_prompts: prompts for calibration (required when activations are quantized).
+        num_inference_steps, guidance_scale: passed to the pipeline during calibration
+            (defaults: the pipeline's own).
+        progress: show progress bars.
+        **call_kwargs: more arguments for the calibration calls (height, width, ...).
+
+    Example:
+        >>> pipe = dq.quantize(pipe, "w8a8", calib_prompts=["a red circle", "a blue square"])
+        >>> image = pipe("a green triangle").images[0]
+    """
+    unet = _check_pipe(pipe)
+    cfg = _as_config(config)
+    if calib_prompts is not None:
+        if isinstance(calib_prompts, str):
+            calib_prompts = [calib_prompts]
+        calib_prompts = list(calib_prompts)
+        if not calib_prompts or not all(isinstance(p, str) for p in calib_prompts):
+            raise ValueError(
+                "calib_prompts must be a non-empty list of strings; pass e.g. 16-64 prompts like "
+                "the ones the pipeline will serve"
+            )
+    if any(isinstance(m, QuantizedLayerMixin) for m in unet.modules()):
+        raise ValueError(
+            "this pipeline's UNet is already quantized; load the float pipeline again to "
+            "quantize it with another config"
+        )
+    plan = resolve_plan(unet, cfg)
+    act_ranges: dict[str, tuple[float, float]] = {}
+    needs_act = any(s is not None and s.act is not None for s in plan.values())
+    if needs_act:
+        if calib_prompts is None:
+            raise ValueError(
+                f"config {cfg.name!r} quantizes activations and needs calibration: pass "
+                "calib_prompts=[...] (16-64 prompts like the ones the pipeline will serve)"
+            )
+        from dq.capture import capture
+
+        kwargs = dict(call_kwargs)
+        if num_inference_steps is not None:
+            kwargs["num_inference_steps"] = num_inference_steps
+        if guidance_scale is not None:
+            kwargs["guidance_scale"] = guidance_scale
+        names = [n for n, s in plan.items() if s is not None and s.act is not None]
+        record = capture(pipe, calib_prompts, layers=names, progress=progress, **kwargs)
+        act_ranges = {n: record.minmax(n) for n in names}
+    apply_plan(unet, plan, act_ranges)
+    from dq.config import QuantConfig as _QC
+
+    resolved = _QC(
+        default=None, layers=plan, skip=(), bos_aware=cfg.bos_aware, name=cfg.name
+    )
+    _register_config(unet, resolved)
+    return pipe
+
+
+def _register_config(unet: nn.Module, cfg: QuantConfig) -> None:
+    """Store the resolved per-layer plan on the model (what save_pretrained writes)."""
+    unet._dq_config = cfg
+    try:
+        from dq.serialization import attach_quantization_config
+
+        attach_quantization_config(unet, cfg)
+    except ImportError:  # serialization not available: the plan still lives on the module
+        pass

@@ -1,0 +1,253 @@
+"""Quantization settings as data: one `LayerSpec` per layer, a `QuantConfig` holding a default
+spec, a per-layer plan and skip patterns, presets, and a versioned JSON round-trip.
+
+A mixed-precision plan (what the ILP allocator returns) is simply `QuantConfig.layers`: a mapping
+from layer name to `LayerSpec` (or `None` to keep the layer in full precision), with `default`
+applying to every layer the plan does not name.
+
+Example:
+    >>> cfg = QuantConfig.from_preset("w8a8")
+    >>> cfg.spec_for("down_blocks.0.attentions.0.proj_in").weight
+    'int8'
+    >>> QuantConfig.from_json(cfg.to_json()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from dq import formats
+
+CONFIG_VERSION = 1  # bump when the JSON layout changes; loaders refuse newer versions
+
+_GRANULARITY_RE = re.compile(r"^(tensor|channel|group(\d+))$")
+_SCALE_METHODS = ("minmax", "percentile", "mse")
+_ROUNDINGS = ("nearest", "learned")
+
+
+def _known_formats() -> list[str]:
+    return formats.names()
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one layer is quantized.
+
+    Args:
+        weight: weight format name (see `dq.formats.names()`).
+        weight_granularity: "tensor", "channel" (per output channel) or "group<N>" (groups of N
+            input elements per output channel).
+        weight_method: scale search for weights: "minmax", "percentile" or "mse".
+        act: activation format name, or None for weight-only quantization.
+        act_granularity: only "tensor" is supported for activations (static, calibrated).
+        act_symmetric: symmetric activation range (zero point 0); default asymmetric.
+        rounding: "nearest" or "learned" (AdaRound-style, needs calibration samples).
+    """
+
+    weight: str = "int8"
+    weight_granularity: str = "channel"
+    weight_method: str = "minmax"
+    act: str | None = None
+    act_granularity: str = "tensor"
+    act_symmetric: bool = False
+    rounding: str = "nearest"
+
+    def __post_init__(self) -> None:
+        known = _known_formats()
+        if self.weight not in known:
+            raise ValueError(
+                f"unknown weight format {self.weight!r}; choose one of {known} "
+                "(or register a new one with dq.formats.register)"
+            )
+        if self.act is not None and self.act not in known:
+            raise ValueError(f"unknown activation format {self.act!r}; choose one of {known}")
+        if not _GRANULARITY_RE.match(self.weight_granularity):
+            raise ValueError(
+                f"weight_granularity {self.weight_granularity!r} is not valid; use 'tensor', "
+                "'channel' or 'group<N>' such as 'group64'"
+            )
+        if self.act_granularity != "tensor":
+            raise ValueError(
+                f"act_granularity {self.act_granularity!r} is not supported; activations are "
+                "quantized per tensor with calibrated ranges, use 'tensor'"
+            )
+        if self.weight_method not in _SCALE_METHODS:
+            raise ValueError(
+                f"weight_method {self.weight_method!r} is not valid; use one of {_SCALE_METHODS}"
+            )
+        if self.rounding not in _ROUNDINGS:
+            raise ValueError(f"rounding {self.rounding!r} is not valid; use one of {_ROUNDINGS}")
+
+    @property
+    def group_size(self) -> int:
+        """Group size for "group<N>" granularity, 0 otherwise."""
+        m = _GRANULARITY_RE.match(self.weight_granularity)
+        return int(m.group(2)) if m and m.group(2) else 0
+
+    @property
+    def weight_bits(self) -> int:
+        return formats.get(self.weight).bits
+
+    @property
+    def act_bits(self) -> int | None:
+        return None if self.act is None else formats.get(self.act).bits
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerSpec:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(
+                f"unknown LayerSpec keys {sorted(unknown)}; valid keys are {sorted(names)}. "
+                "Was this written by a newer dq? Upgrade dq to read it."
+            )
+        return cls(**d)
+
+
+# Layers kept in full precision by default: the first and last convolutions are tiny, and
+# MixDQ found them among the most sensitive (references.md).
+DEFAULT_SKIP = ("conv_in", "conv_out")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A whole-model quantization recipe: a default `LayerSpec`, a per-layer plan, skips.
+
+    Args:
+        default: spec applied to every quantizable layer not named in `layers`.
+        layers: per-layer plan `{name: LayerSpec | None}`; None keeps that layer in float.
+        skip: glob patterns (fnmatch on the layer name) of layers kept in float.
+        components: pipeline components to quantize (currently "unet").
+        bos_aware: keep the BOS token's cross-attention key/value path in full precision.
+        name: a label, e.g. the preset name.
+    """
+
+    default: LayerSpec | None = field(default_factory=LayerSpec)
+    layers: dict[str, LayerSpec | None] = field(default_factory=dict)
+    skip: tuple[str, ...] = DEFAULT_SKIP
+    components: tuple[str, ...] = ("unet",)
+    bos_aware: bool = True
+    name: str = "custom"
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "components", tuple(self.components))
+        for k, v in self.layers.items():
+            if v is not None and not isinstance(v, LayerSpec):
+                raise ValueError(
+                    f"plan entry {k!r} is a {type(v).__name__}; use a LayerSpec or None"
+                )
+        if self.version > CONFIG_VERSION:
+            raise ValueError(
+                f"this quantization config has version {self.version}, newer than this dq "
+                f"understands ({CONFIG_VERSION}); upgrade dq (pip install -U dq)"
+            )
+        if self.components != ("unet",):
+            raise ValueError(
+                f"components={self.components!r}: only ('unet',) is supported in this version"
+            )
+
+    def spec_for(self, name: str) -> LayerSpec | None:
+        """The spec for layer `name` (None means keep it in full precision)."""
+        if name in self.layers:
+            return self.layers[name]
+        if any(fnmatch.fnmatchcase(name, p) for p in self.skip):
+            return None
+        return self.default
+
+    @property
+    def needs_activation_calibration(self) -> bool:
+        specs = [self.default, *self.layers.values()]
+        return any(s is not None and s.act is not None for s in specs)
+
+    @property
+    def needs_samples(self) -> bool:
+        specs = [self.default, *self.layers.values()]
+        return any(s is not None and s.rounding == "learned" for s in specs)
+
+    def with_plan(self, plan: dict[str, LayerSpec | None]) -> QuantConfig:
+        return replace(self, layers=dict(plan))
+
+    # --- JSON -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "name": self.name,
+            "default": None if self.default is None else self.default.to_dict(),
+            "layers": {k: (None if v is None else v.to_dict()) for k, v in self.layers.items()},
+            "skip": list(self.skip),
+            "components": list(self.components),
+            "bos_aware": self.bos_aware,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a QuantConfig dict is required, got {type(d).__name__}")
+        version = int(d.get("version", 0))
+        if version > CONFIG_VERSION:
+            raise ValueError(
+                f"this quantization config has version {version}, newer than this dq "
+                f"understands ({CONFIG_VERSION}); upgrade dq (pip install -U dq)"
+            )
+        known = {"version", "name", "default", "layers", "skip", "components", "bos_aware"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown QuantConfig keys {sorted(unknown)}; valid: {sorted(known)}")
+        default = d.get("default")
+        return cls(
+            default=None if default is None else LayerSpec.from_dict(default),
+            layers={
+                k: (None if v is None else LayerSpec.from_dict(v))
+                for k, v in d.get("layers", {}).items()
+            },
+            skip=tuple(d.get("skip", DEFAULT_SKIP)),
+            components=tuple(d.get("components", ("unet",))),
+            bos_aware=bool(d.get("bos_aware", True)),
+            name=str(d.get("name", "custom")),
+            version=version,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> QuantConfig:
+        return cls.from_dict(json.loads(s))
+
+    @classmethod
+    def from_preset(cls, name: str) -> QuantConfig:
+        """A named preset; see `PRESETS` for the list."""
+        key = name.lower().replace("-", "_")
+        if key not in PRESETS:
+            raise ValueError(
+                f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or pass a QuantConfig"
+            )
+        default, doc = PRESETS[key]
+        return cls(default=default, name=key)
+
+
+# name -> (default LayerSpec, one-line description)
+PRESETS: dict[str, tuple[LayerSpec, str]] = {
+    # int8 per-channel weights, uint8 per-tensor static activations: the fast CPU/GPU path
+    "w8a8": (LayerSpec("int8", "channel", act="uint8"), "INT8 weights and activations"),
+    # int4 weights (groups of 64 inputs), float activations: about 4x smaller weights
+    "w4a16": (LayerSpec("int4", "group64", "mse"), "INT4 weight-only, group 64"),
+    # int4 per-channel weights with uint8 activations
+    "w4a8": (LayerSpec("int4", "channel", "mse", act="uint8"), "INT4 weights, INT8 activations"),
+    # int8 per-channel weight-only
+    "w8a16": (LayerSpec("int8", "channel"), "INT8 weight-only"),
+    # OCP E4M3 weights per channel, float activations
+    "fp8": (LayerSpec("fp8_e4m3", "channel"), "FP8 E4M3 weight-only"),
+    # OCP E2M1 weights in groups of 32, float activations
+    "fp4": (LayerSpec("fp4_e2m1", "group32", "mse"), "FP4 E2M1 weight-only, group 32"),
+}
