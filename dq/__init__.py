@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from dq import formats  # noqa: E402
 from dq import kernels as kernels  # noqa: E402  (registers the torch.ops.dq operators)
-from dq.api import apply_plan, quantizable_layers, quantize, resolve_plan  # noqa: E402
+from dq.api import apply_plan, quantizable_layers, quantize, quantize_model, resolve_plan  # noqa: E402
 from dq.config import PRESETS, LayerSpec, QuantConfig  # noqa: E402
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "kernels",
     "quantizable_layers",
     "quantize",
+    "quantize_model",
     "resolve_plan",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -161,17 +161,73 @@ def quantize(
             kwargs["num_inference_steps"] = num_inference_steps
         if guidance_scale is not None:
             kwargs["guidance_scale"] = guidance_scale
-        names = [n for n, s in plan.items() if s is not None and s.act is not None]
-        record = capture(pipe, calib_prompts, layers=names, progress=progress, **kwargs)
-        act_ranges = {n: record.minmax(n) for n in names}
+        # ranges only: no reservoir rows, no stored UNet calls
+        record = capture(
+            pipe, calib_prompts, max_samples_per_layer=0, max_bytes=0, max_unet_calls=0,
+            progress=progress, **kwargs,
+        )
+        act_ranges = _act_ranges(record, plan)
     apply_plan(unet, plan, act_ranges)
-    from dq.config import QuantConfig as _QC
-
-    resolved = _QC(
-        default=None, layers=plan, skip=(), bos_aware=cfg.bos_aware, name=cfg.name
-    )
-    _register_config(unet, resolved)
+    _register_config(unet, _resolved_config(cfg, plan))
     return pipe
+
+
+def _act_ranges(record, plan: dict[str, LayerSpec | None]) -> dict[str, tuple[float, float]]:
+    names = [n for n, s in plan.items() if s is not None and s.act is not None]
+    missing = [n for n in names if n not in record.layers]
+    if missing:
+        raise ValueError(
+            f"calibration saw no input for {len(missing)} layer(s) that quantize activations, "
+            f"e.g. {missing[:3]}; they never ran during calibration. Keep them in float "
+            "(QuantConfig.skip) or calibrate with inputs that reach them"
+        )
+    return {n: record.minmax(n) for n in names}
+
+
+def _resolved_config(cfg: QuantConfig, plan: dict[str, LayerSpec | None]) -> QuantConfig:
+    """The saved form of a config: every layer named explicitly, no default, no skips."""
+    return QuantConfig(default=None, layers=plan, skip=(), bos_aware=cfg.bos_aware, name=cfg.name)
+
+
+def quantize_model(
+    unet: nn.Module,
+    config: str | QuantConfig = "w8a8",
+    calibrate: Callable[[nn.Module], None] | None = None,
+    *,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize a bare UNet (no pipeline) in place and return it.
+
+    Args:
+        unet: a diffusers UNet (or any module with Linear/Conv2d layers).
+        config: preset name or QuantConfig.
+        calibrate: `calibrate(unet)` runs forwards on representative inputs; hooks record the
+            activation ranges meanwhile. Required when the config quantizes activations.
+        progress: unused for bare models (kept for symmetry with `quantize`).
+
+    Example:
+        >>> dq.quantize_model(unet, "w8a8", calibrate=lambda m: m(x, t, ctx))
+    """
+    cfg = _as_config(config)
+    if any(isinstance(m, QuantizedLayerMixin) for m in unet.modules()):
+        raise ValueError("this model is already quantized; start again from the float model")
+    plan = resolve_plan(unet, cfg)
+    act_ranges: dict[str, tuple[float, float]] = {}
+    if any(s is not None and s.act is not None for s in plan.values()):
+        if calibrate is None:
+            raise ValueError(
+                f"config {cfg.name!r} quantizes activations: pass calibrate=fn where fn(unet) "
+                "runs the model on representative inputs"
+            )
+        from dq.capture import Capture, CaptureSettings
+
+        settings = CaptureSettings(max_bytes=0, max_samples_per_layer=0, max_unet_calls=0)
+        with Capture(unet, settings) as cap:
+            calibrate(unet)
+        act_ranges = _act_ranges(cap.record, plan)
+    apply_plan(unet, plan, act_ranges)
+    _register_config(unet, _resolved_config(cfg, plan))
+    return unet
 
 
 def _register_config(unet: nn.Module, cfg: QuantConfig) -> None:

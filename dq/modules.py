@@ -56,7 +56,7 @@ def check_spec_fits(spec: LayerSpec, weight_shape: torch.Size | tuple[int, ...],
                 f"activation format {spec.act!r}{where} has no kernel; use one of "
                 f"{_ENGINE_ACT_FORMATS} or act=None (weight-only)"
             )
-        if fmt.kind != "int" or fmt.bits > 8 or spec.group_size:
+        if fmt.kind != "int" or not fmt.signed or spec.group_size:
             raise ValueError(
                 f"quantized activations{where} need INT weights with per-channel or per-tensor "
                 f"scales, got {spec.weight} / {spec.weight_granularity}; use e.g. "
@@ -100,9 +100,19 @@ def encode_weight(w: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
     fmt = formats.get(spec.weight)
     gran = quant.parse_granularity(spec.weight_granularity)
     w2 = weight_2d(w.detach().float())  # [O, K]
-    scale, zp = quant.compute_qparams(w2, fmt, gran, method=spec.weight_method, symmetric=True)
+    symmetric = not weight_has_zero_point(fmt)
+    scale, zp = quant.compute_qparams(w2, fmt, gran, method=spec.weight_method, symmetric=symmetric)
     q = quant.quantize(w2, fmt, scale, zp, gran)  # grid values, [O, K]
-    return {"qdata": pack_codes(q, fmt), "scale": _flat_scale(scale, w2.shape[0])}
+    out = {"qdata": pack_codes(q, fmt), "scale": _flat_scale(scale, w2.shape[0])}
+    if zp is not None:
+        out["zero_point"] = _flat_scale(zp.float(), w2.shape[0])
+    return out
+
+
+def weight_has_zero_point(fmt) -> bool:
+    """Unsigned INT weight formats are asymmetric (a zero point per scale); all others are
+    symmetric."""
+    return fmt.kind == "int" and not fmt.signed
 
 
 def _flat_scale(scale: torch.Tensor, out: int) -> torch.Tensor:
@@ -143,7 +153,10 @@ def code_lut(fmt) -> torch.Tensor | None:
         off = 8 if fmt.signed else 0
         return torch.arange(16, dtype=torch.float32) - off
     if fmt.storage in ("packed4", "uint8codes"):
-        return fmt.decode(torch.arange(2 ** max(fmt.bits, 4) if fmt.storage == "packed4" else 2**fmt.bits, dtype=torch.uint8))
+        table = fmt.decode(torch.arange(2**fmt.bits, dtype=torch.uint8))
+        if fmt.storage == "packed4" and table.numel() < 16:  # 2/3-bit codes in a 4-bit nibble
+            table = torch.cat([table, torch.zeros(16 - table.numel())])
+        return table
     return None
 
 
@@ -182,10 +195,13 @@ class QuantizedLayerMixin:
         else:
             qdata = torch.zeros(out, k, dtype=torch.uint8)
         groups = k // spec.group_size if spec.group_size else 0
+        pshape = (out, groups) if groups else (out,)
         self.register_buffer("qdata", qdata)
-        self.register_buffer(
-            "scale", torch.ones(out, groups, dtype=torch.float32) if groups else torch.ones(out)
-        )
+        self.register_buffer("scale", torch.ones(pshape, dtype=torch.float32))
+        if weight_has_zero_point(fmt):
+            self.register_buffer("zero_point", torch.zeros(pshape, dtype=torch.float32))
+        else:
+            self.zero_point = None
         if spec.act is not None:
             self.register_buffer("input_scale", torch.tensor(1.0))
             self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
@@ -203,6 +219,8 @@ class QuantizedLayerMixin:
         enc = encode_weight(w, self.spec)
         self.qdata.copy_(enc["qdata"])
         self.scale.copy_(enc["scale"].reshape(self.scale.shape))
+        if self.zero_point is not None:
+            self.zero_point.copy_(enc["zero_point"].reshape(self.zero_point.shape))
         if bias is not None:
             self.bias.data.copy_(bias.detach().float())
         if self.spec.act is not None:
@@ -221,6 +239,9 @@ class QuantizedLayerMixin:
         fmt = formats.get(self.spec.weight)
         k = int(self.weight_shape[1:].numel())
         q = unpack_codes(self.qdata, fmt, k)  # [O, K]
+        if self.zero_point is not None:
+            zp = self.zero_point
+            q = (q.reshape(q.shape[0], zp.reshape(q.shape[0], -1).shape[1], -1) - zp.reshape(q.shape[0], -1, 1)).reshape(q.shape)
         if self.spec.group_size:
             g = self.spec.group_size
             w = (q.reshape(q.shape[0], -1, g) * self.scale.unsqueeze(-1)).reshape(q.shape)
@@ -274,7 +295,8 @@ class QLinear(QuantizedLayerMixin, nn.Module):
             )
         else:
             y = torch.ops.dq.linear_wonly(
-                x, self.qdata, self.scale, None, self.bias, self.lut, **self._kernel_args
+                x, self.qdata, self.scale, self.zero_point, self.bias, self.lut,
+                **self._kernel_args,
             )
         return y.to(dtype)
 
@@ -322,12 +344,12 @@ class QConv2d(QuantizedLayerMixin, nn.Module):
         conv = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         if self.spec.act is not None:
             y = torch.ops.dq.conv2d_w8a8(
-                x, self.qdata.reshape(self.weight_shape), self.scale, self.bias, self.input_scale,
-                self.input_zero_point, *conv,
+                x, self.qdata, self.scale, self.bias, self.input_scale, self.input_zero_point,
+                *conv, list(self.weight_shape),
             )
         else:
             y = torch.ops.dq.conv2d_wonly(
-                x, self.qdata, self.scale, None, self.bias, self.lut, list(self.weight_shape),
+                x, self.qdata, self.scale, self.zero_point, self.bias, self.lut, list(self.weight_shape),
                 *conv, **self._kernel_args,
             )
         return y.to(dtype)

@@ -1,0 +1,153 @@
+"""dq.quantize end to end on tiny offline pipelines: the three-line path, errors, identities."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dq
+from dq.config import LayerSpec, QuantConfig
+from dq.modules import QConv2d, QLinear, QuantizedLayerMixin
+
+PROMPTS = ["a red circle", "a blue square on a white background", "a small green triangle"]
+
+
+def _unet_io(pipe, seed=0):
+    """A calibration-like UNet input: a noised latent, a mid timestep, real text embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = pipe.unet.config
+    with torch.no_grad():
+        ids = pipe.tokenizer(
+            PROMPTS[:2],
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        ctx = pipe.text_encoder(ids)[0]
+    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    return x, torch.tensor([500, 500]), ctx
+
+
+def _cos(a, b):
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_w8a8_three_lines_int8_storage_and_close_to_fp(fresh_tiny_sd):
+    pipe = fresh_tiny_sd
+    x, t, ctx = _unet_io(pipe)
+    with torch.no_grad():
+        ref = pipe.unet(x, t, ctx).sample
+    out = dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, num_inference_steps=3)
+    assert out is pipe
+    qlayers = [m for m in pipe.unet.modules() if isinstance(m, QuantizedLayerMixin)]
+    assert len(qlayers) > 20
+    assert all(m.qdata.dtype == torch.int8 for m in qlayers)
+    assert not any(
+        isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and not isinstance(m, QuantizedLayerMixin)
+        for n, m in pipe.unet.named_modules()
+        if n not in ("conv_in", "conv_out")
+    )
+    with torch.no_grad():
+        y = pipe.unet(x, t, ctx).sample
+    assert _cos(ref, y) >= 0.99
+    # still a pipeline with all its usual arguments
+    img = pipe(
+        PROMPTS[0],
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
+
+
+def test_w4a16_unet_bytes_at_most_035_of_fp16():
+    from dq.testing import tiny_sd_pipeline
+
+    # wide enough that scales and float norms are a realistic share
+    pipe = tiny_sd_pipeline(seed=0, block_out_channels=(128, 256), cross_attention_dim=64)
+    fp16_bytes = sum(p.numel() * 2 for p in pipe.unet.state_dict().values())
+    dq.quantize(pipe, "w4a16")
+    q_bytes = sum(t.numel() * t.element_size() for t in pipe.unet.state_dict().values())
+    assert q_bytes <= 0.35 * fp16_bytes, q_bytes / fp16_bytes
+
+
+@pytest.mark.parametrize("preset", ["w4a16", "fp8", "w8a16", "fp4", "w4a8"])
+def test_presets_run_and_stay_close(fresh_tiny_sd, preset):
+    pipe = fresh_tiny_sd
+    x, t, ctx = _unet_io(pipe)
+    with torch.no_grad():
+        ref = pipe.unet(x, t, ctx).sample
+    dq.quantize(pipe, preset, calib_prompts=PROMPTS, num_inference_steps=2)
+    with torch.no_grad():
+        y = pipe.unet(x, t, ctx).sample
+    assert _cos(ref, y) >= 0.95
+
+
+def test_pass_through_plan_is_bit_identical(fresh_tiny_sd):
+    pipe = fresh_tiny_sd
+    x, t, ctx = _unet_io(pipe)
+    with torch.no_grad():
+        ref = pipe.unet(x, t, ctx).sample
+    names = dq.quantizable_layers(pipe.unet)
+    dq.quantize(pipe, QuantConfig(default=None, layers={n: None for n in names}))
+    with torch.no_grad():
+        y = pipe.unet(x, t, ctx).sample
+    assert torch.equal(ref, y)
+
+
+def test_mixed_plan_applies_per_layer(fresh_tiny_sd):
+    pipe = fresh_tiny_sd
+    names = list(dq.quantizable_layers(pipe.unet))
+    lin = next(n for n in names if n.endswith("attn2.to_q"))
+    conv = next(n for n in names if n.endswith("conv1"))
+    cfg = QuantConfig(
+        default=LayerSpec("int8"),
+        layers={lin: LayerSpec("fp4_e2m1", "group16"), conv: LayerSpec("int4", "channel")},
+    )
+    dq.quantize(pipe, cfg)
+    assert isinstance(pipe.unet.get_submodule(lin), QLinear)
+    assert pipe.unet.get_submodule(lin).spec.weight == "fp4_e2m1"
+    assert isinstance(pipe.unet.get_submodule(conv), QConv2d)
+    assert pipe.unet.get_submodule(conv).spec.weight == "int4"
+
+
+def test_errors_name_problem_and_fix(fresh_tiny_sd):
+    pipe = fresh_tiny_sd
+    with pytest.raises(ValueError, match="needs a diffusers pipeline with a `unet`"):
+        dq.quantize(object(), "w8a8", calib_prompts=PROMPTS)
+    with pytest.raises(ValueError, match="unknown preset"):
+        dq.quantize(pipe, "w3a5", calib_prompts=PROMPTS)
+    with pytest.raises(ValueError, match="non-empty list"):
+        dq.quantize(pipe, "w8a8", calib_prompts=[])
+    with pytest.raises(ValueError, match="needs calibration"):
+        dq.quantize(pipe, "w8a8")
+    with pytest.raises(ValueError, match="does not have"):
+        dq.quantize(pipe, QuantConfig(layers={"no.such.layer": LayerSpec()}))
+    # nothing was changed by the failed calls
+    assert not any(isinstance(m, QuantizedLayerMixin) for m in pipe.unet.modules())
+
+
+def test_nan_in_calibration_is_a_clear_error(fresh_tiny_sd):
+    pipe = fresh_tiny_sd
+    lin = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn1.to_q"))
+    with torch.no_grad():
+        pipe.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, num_inference_steps=2)
+    assert not isinstance(lin, QuantizedLayerMixin)
+
+
+def test_quantizing_twice_is_refused(fresh_tiny_sd):
+    pipe = fresh_tiny_sd
+    dq.quantize(pipe, "w8a16")
+    with pytest.raises(ValueError, match="already quantized"):
+        dq.quantize(pipe, "w8a16")
+
+
+def test_sdxl_w8a8(tiny_sdxl):
+    pipe = copy.deepcopy(tiny_sdxl)
+    dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, num_inference_steps=2)
+    img = pipe(PROMPTS[0], num_inference_steps=2, output_type="pt").images
+    assert torch.isfinite(img).all()
