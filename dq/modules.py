@@ -287,7 +287,8 @@ class QLinear(QuantizedLayerMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        if x.device.type == "cpu":  # half precision is emulated (slow) on CPU; GPUs keep it
+            x = x.float()
         if self.spec.act is not None:
             y = torch.ops.dq.linear_w8a8(
                 x, self._engine_weight(), self.scale, self.bias, self.input_scale,
@@ -340,7 +341,8 @@ class QConv2d(QuantizedLayerMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        if x.device.type == "cpu":  # half precision is emulated (slow) on CPU; GPUs keep it
+            x = x.float()
         conv = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         if self.spec.act is not None:
             y = torch.ops.dq.conv2d_w8a8(
