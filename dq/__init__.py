@@ -11,6 +11,7 @@ from dq import formats  # noqa: E402
 from dq import kernels as kernels  # noqa: E402  (registers the torch.ops.dq operators)
 from dq.api import apply_plan, quantizable_layers, quantize, quantize_model, resolve_plan  # noqa: E402
 from dq.config import PRESETS, LayerSpec, QuantConfig  # noqa: E402
+from dq.serialization import load, save_pretrained  # noqa: E402  (registers the "dq" quantizer with diffusers)
 
 __all__ = [
     "PRESETS",
@@ -19,8 +20,10 @@ __all__ = [
     "apply_plan",
     "formats",
     "kernels",
+    "load",
     "quantizable_layers",
     "quantize",
     "quantize_model",
     "resolve_plan",
+    "save_pretrained",
 ]

@@ -169,7 +169,9 @@ def quantize(
         act_ranges = _act_ranges(record, plan)
     apply_plan(unet, plan, act_ranges)
     _register_config(unet, _resolved_config(cfg, plan))
-    return pipe
+    from dq.serialization import bind_atomic_save
+
+    return bind_atomic_save(pipe)  # pipe.save_pretrained now writes atomically
 
 
 def _act_ranges(record, plan: dict[str, LayerSpec | None]) -> dict[str, tuple[float, float]]:
