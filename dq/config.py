@@ -240,6 +240,9 @@ class QuantConfig:
 PRESETS: dict[str, tuple[LayerSpec, str]] = {
     # int8 per-channel weights, uint8 per-tensor static activations: the fast CPU/GPU path
     "w8a8": (LayerSpec("int8", "channel", act="uint8"), "INT8 weights and activations"),
+    # int7 per-channel weights, uint8 activations: runs in one integer pass on AVX2 CPUs without
+    # VNNI (u8 x s8 pair sums cannot saturate int16 when |w| <= 63); int8 kernels elsewhere
+    "w7a8": (LayerSpec("int7", "channel", act="uint8"), "INT7 weights, INT8 activations"),
     # int4 weights (groups of 64 inputs), float activations: about 4x smaller weights
     "w4a16": (LayerSpec("int4", "group64", "mse"), "INT4 weight-only, group 64"),
     # int4 per-channel weights with uint8 activations

@@ -1,0 +1,56 @@
+"""dq's quantized kernels: `torch.ops.dq.*` operators with per-backend implementations.
+
+    torch.ops.dq.linear_w8a8(x, w, w_scale, bias, x_scale, x_zero_point)
+    torch.ops.dq.conv2d_w8a8(x, w, w_scale, bias, x_scale, x_zero_point,
+                             stride, padding, dilation, groups, weight_shape=None)
+    torch.ops.dq.linear_wonly(x, qdata, scale, zero_point, bias, lut, bits, group_size)
+    torch.ops.dq.conv2d_wonly(x, qdata, scale, zero_point, bias, lut, weight_shape,
+                              stride, padding, dilation, groups, bits, group_size)
+
+Each op has a plain-PyTorch reference (`dq.kernels.reference`: dequantize, then fp32 compute)
+and fast implementations registered per device and backend (`dq.kernels.cpu`: oneDNN integer
+GEMMs and blocked weight-only matmuls; `dq.kernels.triton_kernels`: CUDA). Which one runs is a
+setting, read when the op runs:
+
+    dq.kernels.set_backend("auto")          # fastest registered for the device (default)
+    with dq.kernels.use_backend("reference"):
+        y_ref = layer(x)
+    dq.kernels.get_backend()
+
+A new backend plugs in with `dq.kernels.register_impl(op, device_type, backend, fn)`; see
+`dq.kernels.ops` for the dispatch rules.
+"""
+
+from dq.kernels import cpu  # noqa: F401  (registers the "cpu" backend)
+from dq.kernels.ops import (
+    OP_NAMES,
+    available_backends,
+    conv2d_w8a8,
+    conv2d_wonly,
+    get_backend,
+    linear_w8a8,
+    linear_wonly,
+    register_impl,
+    resolve,
+    set_backend,
+    use_backend,
+)
+
+try:  # the CUDA backend registers itself on import when triton is installed
+    from dq.kernels import triton_kernels  # noqa: F401
+except ImportError:
+    pass
+
+__all__ = [
+    "OP_NAMES",
+    "available_backends",
+    "conv2d_w8a8",
+    "conv2d_wonly",
+    "get_backend",
+    "linear_w8a8",
+    "linear_wonly",
+    "register_impl",
+    "resolve",
+    "set_backend",
+    "use_backend",
+]

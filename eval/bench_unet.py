@@ -1,0 +1,262 @@
+"""UNet forward latency, peak memory and weight bytes: fp32 vs dq presets vs peers, one run.
+
+    .venv/bin/python eval/bench_unet.py                      # embedded + SD1.5-size UNet
+    .venv/bin/python eval/bench_unet.py --models tiny --configs fp32 dq-w8a8
+
+Every (model, config) runs in a fresh child process, so memory numbers are not polluted by
+earlier runs: the child builds the model (seeded random weights for the real-size SD 1.5 UNet
+config; the shipped weights for the embedded pipeline), quantizes it (activation ranges
+calibrated on a few inputs of the benchmark's distribution), then measures
+
+- latency: median of `repeats` timed forwards after `warmup` untimed ones, batch 1;
+- resident weight memory: bytes of every parameter and buffer plus dq's prepacked-kernel cache;
+- peak memory during the timed forwards: the process's RSS high-water mark, reset just before
+  them (Linux `/proc/self/clear_refs`), minus nothing: it is the whole process, so the fp32 row
+  is the baseline to compare with.
+
+Ratios are against fp32 measured in the same run. Results go to eval/results/bench_unet.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Settings:
+    models: tuple[str, ...] = ("embedded", "sd15")  # "embedded", "tiny", "sd15"
+    configs: tuple[str, ...] = (
+        "fp32", "dq-w8a8", "dq-w7a8", "dq-w4a8", "dq-w4a16", "dq-fp8",
+        "torchao-int8-dynamic", "torchao-int8-weight-only", "quanto-w8a8",
+    )
+    sd15_latent: int = 32  # latent side for the SD 1.5 UNet: 256 px images, ~2-3 s per fp32 forward here
+    embedded_batch: int = 2  # the embedded pipeline runs classifier-free guidance: batch 2
+    repeats: int = 5  # timed forwards (median reported)
+    warmup: int = 2  # untimed forwards first (kernel caches, allocator)
+    threads: int = 2  # torch intra-op threads (this machine has 2 cores)
+    out: Path = Path("eval/results/bench_unet.json")
+    seed: int = 0
+
+
+# --- the SD 1.5 / SD-Turbo UNet, built offline from its published config -------------------
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+
+
+def build_model(name: str, s: Settings):
+    """(unet, make_inputs(seed) -> kwargs) for a benchmark model."""
+    from diffusers import UNet2DConditionModel
+
+    if name == "sd15":
+        torch.manual_seed(s.seed)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
+        lat, batch, ctx_len, ctx_dim = s.sd15_latent, 1, 77, 768
+    elif name == "embedded":
+        from dq import assets
+
+        pipe = assets.load_embedded_pipeline()
+        unet = pipe.unet.eval()
+        cfg = unet.config
+        lat = cfg.sample_size
+        batch, ctx_len, ctx_dim = s.embedded_batch, pipe.tokenizer.model_max_length, cfg.cross_attention_dim
+    elif name == "tiny":
+        from dq.testing import tiny_sd_pipeline
+
+        pipe = tiny_sd_pipeline(seed=s.seed)
+        unet = pipe.unet.eval()
+        lat, batch, ctx_len, ctx_dim = unet.config.sample_size, 2, 77, unet.config.cross_attention_dim
+    else:
+        raise ValueError(f"unknown model {name!r}; use embedded, tiny or sd15")
+
+    def make_inputs(seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        return {
+            "sample": torch.randn(batch, 4, lat, lat, generator=g),
+            "timestep": torch.tensor(500 + 37 * seed),
+            "encoder_hidden_states": torch.randn(batch, ctx_len, ctx_dim, generator=g),
+        }
+
+    return unet, make_inputs
+
+
+def apply_config(unet, config: str, make_inputs) -> str | None:
+    """Quantize `unet` in place per `config`; returns a note (or raises if unavailable)."""
+    if config == "fp32":
+        return None
+    if config.startswith("dq-"):
+        import dq
+
+        calib = [make_inputs(100 + i) for i in range(2)]
+
+        def calibrate(model):
+            with torch.inference_mode():
+                for inp in calib:
+                    model(**inp)
+
+        dq.quantize_model(unet, config[3:], calibrate=calibrate, progress=False)
+        return None
+    if config.startswith("torchao-"):
+        from torchao.quantization import (
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+            quantize_,
+        )
+
+        cfg = Int8DynamicActivationInt8WeightConfig() if "dynamic" in config else Int8WeightOnlyConfig()
+        quantize_(unet, cfg)
+        return None
+    if config == "quanto-w8a8":
+        from optimum.quanto import Calibration, freeze, qint8
+        from optimum.quanto import quantize as qquantize
+
+        qquantize(unet, weights=qint8, activations=qint8)
+        with Calibration(), torch.inference_mode():
+            for i in range(2):
+                unet(**make_inputs(100 + i))
+        freeze(unet)
+        return None
+    raise ValueError(f"unknown config {config!r}")
+
+
+def _status(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
+def _weight_bytes(unet) -> int:
+    n = sum(t.numel() * t.element_size() for t in unet.state_dict().values())
+    try:
+        from dq import kernels
+
+        n += kernels.cache_nbytes()
+    except (ImportError, AttributeError):
+        pass
+    return n
+
+
+def run_one(model: str, config: str, s: Settings) -> dict:
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    unet, make_inputs = build_model(model, s)
+    try:
+        note = apply_config(unet, config, make_inputs)
+    except Exception as e:  # a peer that fails on this torch/CPU is reported, not fatal
+        return {"model": model, "config": config, "error": f"{type(e).__name__}: {e}"[:300]}
+    gc.collect()
+    inp = make_inputs(1)
+    with torch.inference_mode():
+        for _ in range(s.warmup):
+            unet(**inp)
+        gc.collect()
+        rss_before = _status("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        times = []
+        for _ in range(s.repeats):
+            t0 = time.perf_counter()
+            out = unet(**inp).sample
+            times.append(time.perf_counter() - t0)
+        peak = _status("VmHWM")
+    return {
+        "model": model, "config": config, "latency_s": statistics.median(times),
+        "weight_bytes": _weight_bytes(unet), "rss_before_bytes": rss_before,
+        "peak_rss_bytes": peak, "out_norm": float(out.float().norm()), "note": note,
+    }
+
+
+def _child(model, config, s, q):
+    try:
+        q.put(run_one(model, config, s))
+    except Exception as e:
+        q.put({"model": model, "config": config, "error": f"{type(e).__name__}: {e}"[:300]})
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=None)
+    p.add_argument("--configs", nargs="+", default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--sd15-latent", type=int, default=None)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    s = Settings()
+    if a.models:
+        s.models = tuple(a.models)
+    if a.configs:
+        s.configs = tuple(a.configs)
+    if a.repeats:
+        s.repeats = a.repeats
+    if a.sd15_latent:
+        s.sd15_latent = a.sd15_latent
+    if a.out:
+        s.out = Path(a.out)
+
+    ctx = mp.get_context("spawn")
+    rows = []
+    for model in s.models:
+        base = None
+        for config in s.configs:
+            q = ctx.Queue()
+            proc = ctx.Process(target=_child, args=(model, config, s, q))
+            proc.start()
+            r = q.get()
+            proc.join()
+            if base is None and config == "fp32" and "error" not in r:
+                base = r
+            if base is not None and "error" not in r:
+                r["speedup_vs_fp32"] = base["latency_s"] / r["latency_s"]
+                r["weight_bytes_vs_fp32"] = r["weight_bytes"] / base["weight_bytes"]
+                r["weight_bytes_vs_fp16"] = r["weight_bytes"] / (base["weight_bytes"] / 2)
+                r["peak_rss_vs_fp32"] = r["peak_rss_bytes"] / base["peak_rss_bytes"]
+            rows.append(r)
+            _print_row(r)
+    s.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+    }
+    s.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {s.out}")
+
+
+def _print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['model']:9s} {r['config']:26s} FAILED: {r['error']}", flush=True)
+        return
+    ratio = ""
+    if "speedup_vs_fp32" in r:
+        ratio = (
+            f" speedup {r['speedup_vs_fp32']:.2f}x  weights {r['weight_bytes_vs_fp16']:.3f}x fp16"
+            f"  peak RSS {r['peak_rss_vs_fp32']:.2f}x fp32"
+        )
+    print(
+        f"{r['model']:9s} {r['config']:26s} {r['latency_s'] * 1e3:9.1f} ms  "
+        f"weights {r['weight_bytes'] / 2**20:8.1f} MiB  peak {r['peak_rss_bytes'] / 2**20:8.0f} MiB{ratio}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
