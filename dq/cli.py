@@ -50,7 +50,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     import dq
 
     prompts = _read_prompts(args.prompts)
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=torch.float32)
     config = dq.QuantConfig.from_json(Path(args.config).read_text()) if args.config.endswith(".json") else args.config
     kwargs = {}
     if args.steps is not None:

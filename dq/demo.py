@@ -3,7 +3,6 @@ write a report (Markdown + JSON) and an image grid (top row full precision, bott
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,35 +25,35 @@ class DemoSettings:
 
 
 def _load(settings: DemoSettings):
+    """(pipeline, assets module or None): the embedded pipeline unless a folder is given."""
     from diffusers import DiffusionPipeline
 
     if settings.pipeline is not None:
-        pipe = DiffusionPipeline.from_pretrained(settings.pipeline, torch_dtype=torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(settings.pipeline, dtype=torch.float32)
         return pipe, None
-    try:
-        from dq import assets
+    from dq import assets
 
-        return assets.load_embedded_pipeline(), assets
-    except (ImportError, FileNotFoundError, AttributeError):
-        from dq.testing import tiny_sd_pipeline
-
-        print("dq: embedded pipeline not found; using a tiny random pipeline built offline")
-        return tiny_sd_pipeline(seed=settings.seed), None
-
-
-def _prompts(assets_mod, n: int, split: str) -> list[str]:
-    if assets_mod is not None and hasattr(assets_mod, "prompts"):
-        return list(assets_mod.prompts(split))[:n]
-    base = ["a red circle", "a blue square", "a green triangle", "a small yellow star",
-            "a large purple circle on a white background", "a tiny orange square at the top"]
-    return [base[i % len(base)] for i in range(n)]
+    if not assets.embedded_pipeline_path().is_dir():
+        raise FileNotFoundError(
+            f"the embedded pipeline is missing at {assets.embedded_pipeline_path()}; use a full "
+            "checkout of dq, or pass --pipeline DIR"
+        )
+    return assets.load_embedded_pipeline(), assets
 
 
-def _generate(pipe, prompts, settings, steps) -> torch.Tensor:
-    g = torch.Generator().manual_seed(settings.seed)
-    kw = {} if steps is None else {"num_inference_steps": steps}
-    out = pipe(prompts, generator=g, output_type="pt", **kw)
-    return out.images.float().clamp(0, 1)  # [N, 3, H, W]
+def _workload(settings: DemoSettings, assets_mod) -> tuple[list[str], list | None, list[str], dict]:
+    """(eval prompts, their labels, calibration prompts, pipeline call kwargs)."""
+    if assets_mod is not None:
+        prompts, labels = assets_mod.heldout_prompts(settings.num_prompts)
+        calib = assets_mod.calibration_prompts()[: settings.num_calib]
+        call = assets_mod.embedded_defaults()
+    else:
+        base = ["a red circle", "a blue square", "a green triangle", "a small yellow star"]
+        prompts = [base[i % len(base)] for i in range(settings.num_prompts)]
+        labels, calib, call = None, base, {}
+    if settings.steps is not None:
+        call["num_inference_steps"] = settings.steps
+    return prompts, labels, calib, call
 
 
 def _unet_latency(unet, pipe, reps: int = 5) -> float:
@@ -92,70 +91,81 @@ def _grid(fp: torch.Tensor, q: torch.Tensor, path: Path) -> None:
 def run_demo(settings: DemoSettings) -> dict:
     """Run the main job and return the report dict (also written to out/report.json)."""
     import dq
-    from dq.quant import sqnr_db
+    from dq import metrics
 
     torch.manual_seed(settings.seed)
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     pipe, assets_mod = _load(settings)
     pipe.set_progress_bar_config(disable=True)
-    steps = settings.steps
-    eval_prompts = _prompts(assets_mod, settings.num_prompts, "heldout")
-    calib_prompts = _prompts(assets_mod, settings.num_calib, "calib")
+    prompts, labels, calib, call = _workload(settings, assets_mod)
+    ev = assets_mod.load_evaluators() if assets_mod is not None else None
 
-    fp_images = _generate(pipe, eval_prompts, settings, steps)
-    fp_bytes = _nbytes(pipe.unet)
-    fp_latency = _unet_latency(pipe.unet, pipe)
-    fp_unet = copy.deepcopy(pipe.unet) if settings.extra.get("keep_fp") else None
+    def evaluate(reference=None):
+        if ev is None:
+            imgs = metrics.generate(pipe, prompts, settings.seed, **call)
+            res = {}
+            if reference is not None:
+                res["psnr_vs_ref"] = metrics.psnr_vs_reference(imgs, reference)
+            return res, imgs
+        return metrics.evaluate_pipeline(
+            pipe, prompts, ev, labels, reference=reference, seed=settings.seed, **call
+        )
+
+    fp_res, fp_images = evaluate()
+    fp_bytes, fp_latency = _nbytes(pipe.unet), _unet_latency(pipe.unet, pipe)
 
     config = settings.config
     if config.endswith(".json"):
         config = dq.QuantConfig.from_json(Path(config).read_text())
     t0 = time.perf_counter()
-    kw = {} if steps is None else {"num_inference_steps": steps}
-    dq.quantize(pipe, config, calib_prompts=calib_prompts, **kw)
+    calib_call = {k: v for k, v in call.items() if k in ("num_inference_steps", "guidance_scale", "height", "width")}
+    dq.quantize(pipe, config, calib_prompts=calib, progress=False, **calib_call)
     quant_seconds = time.perf_counter() - t0
-    q_images = _generate(pipe, eval_prompts, settings, steps)
-    q_bytes = _nbytes(pipe.unet)
-    q_latency = _unet_latency(pipe.unet, pipe)
+    q_res, q_images = evaluate(reference=fp_images)
+    q_bytes, q_latency = _nbytes(pipe.unet), _unet_latency(pipe.unet, pipe)
 
-    mse = torch.mean((fp_images - q_images) ** 2).item()
-    psnr = float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
     report = {
         "config": settings.config,
-        "pipeline": settings.pipeline or "embedded",
-        "prompts": eval_prompts,
+        "pipeline": settings.pipeline or "embedded (assets/)",
+        "num_prompts": len(prompts),
+        "sampling": call,
         "quantize_seconds": round(quant_seconds, 2),
-        "unet_bytes_fp32": fp_bytes,
-        "unet_bytes_quantized": q_bytes,
-        "unet_bytes_ratio": round(q_bytes / fp_bytes, 4),
-        "unet_latency_fp32_s": round(fp_latency, 4),
-        "unet_latency_quantized_s": round(q_latency, 4),
-        "unet_speedup": round(fp_latency / q_latency, 3),
-        "psnr_vs_fp_db": round(psnr, 2),
-        "image_sqnr_vs_fp_db": round(float(sqnr_db(fp_images, q_images)), 2),
+        "unet_weight_bytes": {"fp32": fp_bytes, "quantized": q_bytes, "ratio": round(q_bytes / fp_bytes, 4)},
+        "unet_latency_s": {"fp32": round(fp_latency, 4), "quantized": round(q_latency, 4),
+                           "speedup": round(fp_latency / q_latency, 3)},
+        "fp": _round(fp_res),
+        "quantized": _round(q_res),
     }
-    if assets_mod is not None and hasattr(assets_mod, "load_evaluators"):
-        try:
-            from dq import metrics
-
-            ev = assets_mod.load_evaluators()
-            report["clip_score_fp"] = round(float(metrics.clip_score(fp_images, eval_prompts, **ev.clip_kwargs())), 4)
-            report["clip_score_quantized"] = round(float(metrics.clip_score(q_images, eval_prompts, **ev.clip_kwargs())), 4)
-        except (ImportError, AttributeError, TypeError) as e:  # evaluators optional for the job
-            report["evaluator_note"] = f"evaluators unavailable: {e}"
-    _grid(fp_images, q_images, out / "grid.png")
+    _grid(fp_images[:8], q_images[:8], out / "grid.png")
     if settings.save:
         pipe.save_pretrained(out / "pipeline")
         report["saved"] = str(out / "pipeline")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# dq run: {settings.config}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in report.items() if k != "prompts"]
-    lines += ["", "![grid](grid.png) (top: full precision, bottom: quantized)", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.md").write_text(_markdown(report))
+    print(_markdown(report))
     print(f"dq: wrote {out / 'report.md'}, {out / 'report.json'}, {out / 'grid.png'}")
     return report
+
+
+def _round(d: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def _markdown(r: dict) -> str:
+    lines = [f"# dq run: {r['config']} on {r['pipeline']}", ""]
+    lines += ["| metric | full precision | quantized |", "|---|---|---|"]
+    keys = [k for k in r["quantized"] if isinstance(r["quantized"][k], (int, float))]
+    for k in keys:
+        if k in ("n", "seed") or k in r["sampling"]:
+            continue
+        lines.append(f"| {k} | {r['fp'].get(k, '—')} | {r['quantized'][k]} |")
+    wb, lat = r["unet_weight_bytes"], r["unet_latency_s"]
+    lines.append(f"| UNet weight bytes | {wb['fp32']:,} | {wb['quantized']:,} ({wb['ratio']:.3f}x) |")
+    lines.append(f"| UNet forward (s) | {lat['fp32']} | {lat['quantized']} ({lat['speedup']:.2f}x faster) |")
+    lines += ["", f"quantization took {r['quantize_seconds']} s; sampling {r['sampling']}", "",
+              "![grid](grid.png) — top row full precision, bottom row quantized (same seeds)", ""]
+    return "\n".join(lines)
 
 
 def settings_dict(s: DemoSettings) -> dict:
