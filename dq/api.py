@@ -77,6 +77,8 @@ def apply_plan(
     plan: dict[str, LayerSpec | None],
     act_ranges: dict[str, tuple[float, float]] | None = None,
     weights: dict[str, torch.Tensor] | None = None,
+    bos: torch.Tensor | None = None,
+    bos_layers: Sequence[str] = (),
 ) -> nn.Module:
     """Replace every layer the plan quantizes by its quantized module, in place.
 
@@ -85,9 +87,13 @@ def apply_plan(
         plan: name -> LayerSpec (None keeps the layer in float), e.g. from `resolve_plan`.
         act_ranges: name -> calibrated (min, max) input range, for specs with activations.
         weights: name -> replacement float weight (e.g. learned rounding results).
+        bos: [D] the BOS token's text embedding; with `bos_layers`, those cross-attention
+            key/value layers keep token 0 in full precision (see `QLinear.enable_bos`).
+        bos_layers: layer names to make BOS-aware (ignored when `bos` is None).
     """
     act_ranges = act_ranges or {}
     weights = weights or {}
+    bos_set = set(bos_layers) if bos is not None else set()
     for name, spec in plan.items():
         if spec is None:
             continue
@@ -96,8 +102,69 @@ def apply_plan(
         if cls is None:
             raise ValueError(f"layer {name!r} ({type(module).__name__}) cannot be quantized")
         q = cls.from_float(module, spec, act_range=act_ranges.get(name), weight=weights.get(name))
+        if name in bos_set:
+            q.enable_bos(module, bos)
         _set_submodule(unet, name, q)
     return unet
+
+
+# --- BOS-aware text embedding ---------------------------------------------------------------
+# Cross-attention key/value projections read the text embedding; diffusers names them so.
+BOS_LAYER_SUFFIXES = ("attn2.to_k", "attn2.to_v")
+
+
+def bos_candidates(plan: dict[str, LayerSpec | None]) -> list[str]:
+    """Cross-attention key/value layers whose activations the plan quantizes."""
+    return [
+        n for n, s in plan.items()
+        if s is not None and s.act is not None and n.endswith(BOS_LAYER_SUFFIXES)
+    ]
+
+
+def prompt_independent_bos(record, rtol: float = 1e-3) -> torch.Tensor | None:
+    """Token 0 of the recorded text embeddings if it is the same for every prompt (a causal
+    encoder such as CLIP), else None. All-zero embeddings (SDXL's empty negative prompt) are
+    ignored."""
+    if not record.text_embeddings:
+        return None
+    rows = record.bos_embeddings().float()  # [n, D]
+    rows = rows[rows.abs().amax(dim=1) > 0]
+    if rows.shape[0] == 0:
+        return None
+    ref = rows[0]
+    if (rows - ref).abs().amax() > rtol * ref.abs().amax() + 1e-6:
+        return None
+    return ref.clone()
+
+
+class _TokenRange:
+    """Scoped forward pre-hooks recording each layer's input range over tokens 1.. only."""
+
+    def __init__(self, unet: nn.Module, names: Sequence[str]):
+        self.unet, self.names = unet, list(names)
+        self._lo: dict[str, float] = {}
+        self._hi: dict[str, float] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> _TokenRange:
+        for name in self.names:
+            def hook(module, args, name=name):
+                x = args[0]
+                if x.dim() == 3 and x.shape[1] > 1:
+                    lo, hi = torch.aminmax(x[:, 1:].detach().float())
+                    self._lo[name] = min(self._lo.get(name, float("inf")), float(lo))
+                    self._hi[name] = max(self._hi.get(name, float("-inf")), float(hi))
+
+            self._handles.append(self.unet.get_submodule(name).register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        return {n: (self._lo[n], self._hi[n]) for n in self._lo}
 
 
 def quantize(
@@ -147,6 +214,7 @@ def quantize(
         )
     plan = resolve_plan(unet, cfg)
     act_ranges: dict[str, tuple[float, float]] = {}
+    bos, bos_layers = None, []
     needs_act = any(s is not None and s.act is not None for s in plan.values())
     if needs_act:
         if calib_prompts is None:
@@ -161,13 +229,24 @@ def quantize(
             kwargs["num_inference_steps"] = num_inference_steps
         if guidance_scale is not None:
             kwargs["guidance_scale"] = guidance_scale
+        bos_layers = bos_candidates(plan) if cfg.bos_aware else []
         # ranges only: no reservoir rows, no stored UNet calls
-        record = capture(
-            pipe, calib_prompts, max_samples_per_layer=0, max_bytes=0, max_unet_calls=0,
-            progress=progress, **kwargs,
-        )
+        with _TokenRange(unet, bos_layers) as tail_ranges:
+            record = capture(
+                pipe, calib_prompts, max_samples_per_layer=0, max_bytes=0, max_unet_calls=0,
+                progress=progress, **kwargs,
+            )
         act_ranges = _act_ranges(record, plan)
-    apply_plan(unet, plan, act_ranges)
+        if bos_layers:
+            bos = prompt_independent_bos(record)
+            if bos is None:
+                logger.warning(
+                    "dq: token 0 of the text embedding differs between prompts (not a causal "
+                    "encoder?); BOS-aware quantization is off for this pipeline"
+                )
+            else:
+                act_ranges.update(tail_ranges.ranges())
+    apply_plan(unet, plan, act_ranges, bos=bos, bos_layers=bos_layers)
     _register_config(unet, _resolved_config(cfg, plan))
     from dq.serialization import bind_atomic_save
 

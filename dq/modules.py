@@ -285,7 +285,48 @@ class QLinear(QuantizedLayerMixin, nn.Module):
         q._load_from_float(module.weight if weight is None else weight, module.bias, act_range)
         return q.to(module.weight.device)
 
+    # --- BOS-aware text embedding (MixDQ) -------------------------------------------------
+    def enable_bos(self, float_module: nn.Linear, bos: torch.Tensor) -> None:
+        """Keep the BOS token's path in full precision: precompute `float_module(bos)`.
+
+        With a causal text encoder (CLIP) token 0 of every prompt's embedding is the same BOS
+        vector (and a large outlier); cross-attention key/value layers then output a constant
+        for it. Rows whose token 0 equals `bos` get the precomputed float output; the other
+        tokens (and any row whose token 0 differs, e.g. SDXL's all-zero unconditional
+        embedding) go through the quantized kernel. Both constants are saved with the layer.
+
+        Args:
+            float_module: the float layer this one was quantized from.
+            bos: [in_features] the BOS token's text embedding.
+        """
+        bos = bos.detach().float().reshape(-1).to(self.scale.device)
+        if bos.numel() != self.in_features:
+            raise ValueError(
+                f"BOS embedding has {bos.numel()} values but the layer takes {self.in_features}; "
+                "pass token 0 of the encoder_hidden_states this layer projects"
+            )
+        with torch.no_grad():
+            w = float_module.weight.detach().float()
+            b = None if float_module.bias is None else float_module.bias.detach().float()
+            out = F.linear(bos, w.to(bos.device), None if b is None else b.to(bos.device))
+        self.register_buffer("bos_input", bos.clone())
+        self.register_buffer("bos_output", out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bos_out = self._buffers.get("bos_output")
+        if bos_out is None or x.dim() != 3 or x.shape[1] < 2:
+            return self._forward_codes(x)
+        # [B, L, in]: tokens 1.. through the kernel; token 0 precomputed where it is the BOS.
+        # Branch-free (torch.where), so torch.compile sees no data-dependent control flow.
+        bos_in = self._buffers["bos_input"]
+        rest = self._forward_codes(x[:, 1:])  # [B, L-1, out]
+        head_q = self._forward_codes(x[:, :1])  # [B, 1, out], used where token 0 is not BOS
+        tol = 1e-2 * bos_in.abs().amax() + 1e-6
+        is_bos = (x[:, 0].to(bos_in.dtype) - bos_in).abs().amax(dim=-1) <= tol  # [B]
+        head = torch.where(is_bos[:, None, None], bos_out.to(head_q.dtype), head_q)
+        return torch.cat([head, rest], dim=1)
+
+    def _forward_codes(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if x.device.type == "cpu":  # half precision is emulated (slow) on CPU; GPUs keep it
             x = x.float()
@@ -373,5 +414,5 @@ def reference_forward(layer: QuantizedLayerMixin, x: torch.Tensor) -> torch.Tens
         s, z = layer.input_scale, layer.input_zero_point
         x = (torch.clamp(torch.round(x / s) + z, 0, 255) - z) * s
     if isinstance(layer, QLinear):
-        return F.linear(x, w, layer.bias)
+        return F.linear(x, w, layer.bias)  # BOS-aware layers: compare tokens 1.. only
     return F.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
