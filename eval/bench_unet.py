@@ -36,7 +36,7 @@ import torch
 
 @dataclass
 class Settings:
-    models: tuple[str, ...] = ("embedded", "sd15")  # "embedded", "tiny", "sd15"
+    models: tuple[str, ...] = ("sd15", "embedded", "embedded-pipeline")  # also "tiny"
     configs: tuple[str, ...] = (
         "fp32", "dq-w8a8", "dq-w7a8", "dq-w4a8", "dq-w4a16", "dq-fp8",
         "torchao-int8-dynamic", "torchao-int8-weight-only", "quanto-w8a8",
@@ -192,8 +192,37 @@ def run_one(model: str, config: str, s: Settings) -> dict:
     }
 
 
+def run_pipeline(config: str, s: Settings) -> dict:
+    """Whole text-to-image call on the embedded pipeline (text encoder + UNet steps + VAE)."""
+    import dq
+    from dq import assets
+
+    torch.set_num_threads(s.threads)
+    pipe = assets.load_embedded_pipeline()
+    call = assets.embedded_defaults()
+    if config != "fp32":
+        preset = config[3:] if config.startswith("dq-") else config
+        dq.quantize(pipe, preset, calib_prompts=assets.calibration_prompts()[:16], progress=False,
+                    num_inference_steps=call["num_inference_steps"], guidance_scale=call["guidance_scale"])  # fmt: skip
+    prompts = assets.heldout_prompts(4)[0]
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with torch.inference_mode():
+        for _ in range(s.warmup):
+            pipe(prompts, generator=gen(), output_type="pt", **call)
+        times = []
+        for _ in range(s.repeats):
+            t0 = time.perf_counter()
+            pipe(prompts, generator=gen(), output_type="pt", **call)
+            times.append(time.perf_counter() - t0)
+    return {"model": "embedded-pipeline (4 prompts)", "config": config, "latency_s": statistics.median(times),
+            "weight_bytes": _weight_bytes(pipe.unet), "peak_rss_bytes": _status("VmHWM"), "note": str(call)}  # fmt: skip
+
+
 def _child(model, config, s, q):
     try:
+        if model == "embedded-pipeline":
+            q.put(run_pipeline(config, s))
+            return
         q.put(run_one(model, config, s))
     except Exception as e:
         q.put({"model": model, "config": config, "error": f"{type(e).__name__}: {e}"[:300]})
@@ -223,7 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for model in s.models:
         base = None
-        for config in s.configs:
+        configs = s.configs
+        if model == "embedded-pipeline":  # whole pipeline: dq configs only (peers quantize UNets)
+            configs = tuple(c for c in s.configs if c == "fp32" or c.startswith("dq-"))
+        for config in configs:
             q = ctx.Queue()
             proc = ctx.Process(target=_child, args=(model, config, s, q))
             proc.start()
