@@ -150,13 +150,12 @@ def _status(field_name: str) -> int:
 
 
 def _weight_bytes(unet) -> int:
+    """Every parameter and buffer, plus dq's prepacked engine copies (resident weight memory)."""
     n = sum(t.numel() * t.element_size() for t in unet.state_dict().values())
-    try:
+    if any(type(m).__module__.startswith("dq.") for m in unet.modules()):
         from dq import kernels
 
         n += kernels.cache_nbytes()
-    except (ImportError, AttributeError):
-        pass
     return n
 
 
@@ -235,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--sd15-latent", type=int, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     s = Settings()
     if a.models:
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         s.sd15_latent = a.sd15_latent
     if a.out:
         s.out = Path(a.out)
+    if a.threads:
+        s.threads = a.threads
 
     ctx = mp.get_context("spawn")
     rows = []

@@ -41,7 +41,15 @@ try:  # the CUDA backend registers itself on import when triton is installed
 except ImportError:
     pass
 
+
+
+def cache_nbytes() -> int:
+    """Bytes held by prepacked kernel weights (the CPU int8 engine's cache), on top of codes."""
+    return cpu.PACK_CACHE.nbytes()
+
+
 __all__ = [
+    "cache_nbytes",
     "OP_NAMES",
     "available_backends",
     "conv2d_w8a8",
