@@ -21,7 +21,8 @@ def test_run_demo_writes_report_grid_and_loadable_pipeline(tiny_dir, tmp_path):
     report = run_demo(DemoSettings(out=out, config="w8a8", pipeline=str(tiny_dir), num_prompts=2, steps=2))
     assert (out / "grid.png").is_file() and (out / "report.md").is_file()
     saved = json.loads((out / "report.json").read_text())
-    assert saved["unet_weight_bytes"]["ratio"] < 0.5  # int8 codes vs fp32
+    # int8 codes + the CPU engine's prepacked int8 copy (2 bytes/weight) vs 4 bytes fp32
+    assert saved["unet_weight_bytes"]["ratio"] < 0.6
     assert saved["quantized"]["psnr_vs_ref"] > 10
     assert report["config"] == "w8a8"
     import dq
