@@ -124,7 +124,7 @@ def run_demo(settings: DemoSettings) -> dict:
     quant_seconds = time.perf_counter() - t0
     q_res, q_images = evaluate(reference=fp_images)
     q_latency = _unet_latency(pipe.unet, pipe)  # also fills the CPU engine's prepack cache
-    q_bytes = _nbytes(pipe.unet) + dq.kernels.cache_nbytes()  # codes, scales + prepacked copies
+    q_bytes = _nbytes(pipe.unet) + dq.kernels.cache_nbytes(pipe.unet)  # codes, scales + prepacked copies
 
     report = {
         "config": settings.config,

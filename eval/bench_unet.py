@@ -155,7 +155,7 @@ def _weight_bytes(unet) -> int:
     if any(type(m).__module__.startswith("dq.") for m in unet.modules()):
         from dq import kernels
 
-        n += kernels.cache_nbytes()
+        n += kernels.cache_nbytes(unet)
     return n
 
 

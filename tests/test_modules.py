@@ -119,3 +119,18 @@ def test_int4_storage_is_a_quarter_of_fp16():
     q = QLinear.from_float(lin, LayerSpec("int4", "group64"))
     fp16_bytes = lin.weight.numel() * 2
     assert q.quant_nbytes() <= 0.3 * fp16_bytes
+
+
+def test_cache_nbytes_counts_only_the_given_modules_prepacked_weights():
+    from dq import kernels
+
+    spec = LayerSpec("int8", act="uint8")
+    a = QLinear.from_float(nn.Linear(256, 128), spec, act_range=(-1.0, 1.0))
+    b = QLinear.from_float(nn.Linear(256, 64), spec, act_range=(-1.0, 1.0))
+    with torch.inference_mode():
+        a(torch.randn(4, 256))
+        b(torch.randn(4, 256))
+    assert kernels.cache_nbytes(a) >= 128 * 256  # one int8 prepacked copy at least
+    assert kernels.cache_nbytes(b) >= 64 * 256
+    assert kernels.cache_nbytes(a) < 128 * 256 * 2
+    assert kernels.cache_nbytes() >= kernels.cache_nbytes(a) + kernels.cache_nbytes(b)

@@ -43,9 +43,13 @@ except ImportError:
 
 
 
-def cache_nbytes() -> int:
-    """Bytes held by prepacked kernel weights (the CPU int8 engine's cache), on top of codes."""
-    return cpu.PACK_CACHE.nbytes()
+def cache_nbytes(module=None) -> int:
+    """Bytes held by prepacked kernel weights (the CPU int8 engine's cache), on top of codes:
+    all of them, or only those of `module`'s quantized layers."""
+    if module is None:
+        return cpu.PACK_CACHE.nbytes()
+    weights = [m.qdata for m in module.modules() if hasattr(m, "qdata")]
+    return cpu.PACK_CACHE.nbytes(weights)
 
 
 __all__ = [

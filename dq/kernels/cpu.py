@@ -86,10 +86,16 @@ class PackCache:
     def clear(self) -> None:
         self._entries = WeakIdKeyDictionary()
 
-    def nbytes(self) -> int:
-        """Bytes held by cached tensors (what the cache costs on top of the weights)."""
+    def nbytes(self, weights: list[torch.Tensor] | None = None) -> int:
+        """Bytes held by cached tensors (what the cache costs on top of the weights), for
+        every cached weight or only for those derived from `weights`."""
         total = 0
-        for per_storage in list(self._entries.values()):
+        if weights is None:
+            groups = list(self._entries.values())
+        else:
+            groups = [self._entries.get(w.untyped_storage()) for w in weights]
+            groups = [g for g in groups if g is not None]
+        for per_storage in groups:
             for _, value in per_storage.values():
                 for t in value if isinstance(value, tuple) else (value,):
                     if isinstance(t, torch.Tensor):
