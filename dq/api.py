@@ -313,10 +313,6 @@ def quantize_model(
 
 def _register_config(unet: nn.Module, cfg: QuantConfig) -> None:
     """Store the resolved per-layer plan on the model (what save_pretrained writes)."""
-    unet._dq_config = cfg
-    try:
-        from dq.serialization import attach_quantization_config
+    from dq.serialization import attach_quantization_config  # sets unet._dq_config too
 
-        attach_quantization_config(unet, cfg)
-    except ImportError:  # serialization not available: the plan still lives on the module
-        pass
+    attach_quantization_config(unet, cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +21,6 @@ class DemoSettings:
     steps: int | None = None  # sampling steps; None = the pipeline's default for dq
     seed: int = 0  # generator seed for every image
     save: bool = True  # also save the quantized pipeline under out/pipeline
-    extra: dict = field(default_factory=dict)
 
 
 def _load(settings: DemoSettings):
@@ -167,9 +166,3 @@ def _markdown(r: dict) -> str:
     lines += ["", f"quantization took {r['quantize_seconds']} s; sampling {r['sampling']}", "",
               "![grid](grid.png) — top row full precision, bottom row quantized (same seeds)", ""]
     return "\n".join(lines)
-
-
-def settings_dict(s: DemoSettings) -> dict:
-    d = asdict(s)
-    d["out"] = str(s.out)
-    return d

@@ -18,6 +18,8 @@ implementation from the backend setting in `dq.kernels` (never a patched forward
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,8 +71,6 @@ def resolve_spec(spec: LayerSpec, weight_shape: torch.Size | tuple[int, ...]) ->
     falls back to per-channel scales (recorded in the plan, so save/load is exact)."""
     k = int(torch.Size(weight_shape)[1:].numel())
     if spec.group_size and k % spec.group_size:
-        from dataclasses import replace
-
         spec = replace(spec, weight_granularity="channel")
     return spec
 
@@ -116,10 +116,11 @@ def weight_has_zero_point(fmt) -> bool:
 
 
 def _flat_scale(scale: torch.Tensor, out: int) -> torch.Tensor:
+    """Scale (or zero point) from `compute_qparams` -> [out] per channel, [out, groups] per group
+    (a per-tensor value is repeated per channel)."""
     s = torch.as_tensor(scale, dtype=torch.float32)
-    if s.numel() == 1:
-        return s.reshape(1).expand(out).contiguous()
-    return s.reshape(out, -1).squeeze(1).contiguous() if s.reshape(out, -1).shape[1] == 1 else s.reshape(out, -1).contiguous()
+    s = s.reshape(1, 1).expand(out, 1) if s.numel() == 1 else s.reshape(out, -1)
+    return (s[:, 0] if s.shape[1] == 1 else s).contiguous()
 
 
 def pack_codes(q: torch.Tensor, fmt) -> torch.Tensor:
