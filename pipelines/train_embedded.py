@@ -12,11 +12,16 @@ Stages (each skipped when its output exists, unless --force names it):
     clip        open_clip CLIP evaluator (tiny ViT + text tower) for the CLIP score
     assemble    StableDiffusionPipeline -> assets/tiny-shapes, evaluators -> assets/evaluators
 
-Stages write to runs/embedded/ (ignored) and assets/; independent stages can run as parallel
-processes (`--only vae`, `--only text`, `--only classifier`), each on one thread.
+Stages write to runs/embedded/ (ignored) and assets/. A full run uses two processes, one core
+each: lane a (vae, unet) and lane b (text, classifier, clip, decoder, judge); a stage waits for
+what it needs from the other lane, and the UNet takes both cores once lane b is done.
+From scratch on a 2-core machine this takes about 50 minutes.
 
 Run:  python pipelines/train_embedded.py            (log: runs/embedded/train.log)
       python pipelines/train_embedded.py --force unet assemble
+      python pipelines/train_embedded.py --only clip          (one stage, this process)
+      python pipelines/train_embedded.py --set work=runs/fresh pipeline_out=runs/fresh/tiny-shapes \
+          evaluators_out=runs/fresh/evaluators               (a second run beside the shipped one)
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ import argparse
 import json
 import math
 import random
+import os
 import shutil
+import subprocess
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,8 +53,10 @@ from pipelines import world  # noqa: E402
 @dataclass(frozen=True)
 class Settings:
     seed: int = 0  # one seed for data order, init and noise of every stage
-    threads: int = 1  # torch CPU threads per stage; on a shared 2-core machine 2 threads
-    # oversubscribe (measured 4x slower), so independent stages run as parallel processes
+    # torch CPU threads per lane: two lanes run at once, one core each (2 threads per process
+    # on a shared 2-core machine oversubscribe: measured 4x slower)
+    threads: int = 1
+    threads_alone: int = 2  # the UNet lane's threads once the other lane has finished
     work: str = "runs/embedded"  # checkpoints and the log (not shipped)
     pipeline_out: str = "assets/tiny-shapes"  # the shipped diffusers pipeline
     evaluators_out: str = "assets/evaluators"  # the shipped evaluator networks
@@ -284,11 +294,13 @@ def stage_vae(out: Path, imgs: torch.Tensor) -> None:
                 f"{time.time() - t0:.0f}s")  # fmt: skip
     vae.eval()
     with torch.no_grad():  # scaling factor: 1 / std of latents (as SD)
-        z = torch.cat([vae.encode(to_unit(imgs[i : i + 500])).latent_dist.mean for i in range(0, 4000, 500)])
+        z = torch.cat([vae.encode(to_unit(imgs[i : i + 500])).latent_dist.mean for i in range(0, min(4000, len(imgs)), 500)])
         x = to_unit(imgs[:500])
         mse = F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x).item()
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     vae.save_pretrained(out)
+    (WORK / "latents.pt").unlink(missing_ok=True)  # a new encoder: re-encode (UNet, decoder)
+    latents(vae, imgs)
     log(f"vae done in {time.time() - t0:.0f}s: recon mse {mse:.5f} psnr "
         f"{10 * math.log10(4 / mse):.1f} dB, scaling_factor {1 / z.std():.4f}")  # fmt: skip
 
@@ -542,7 +554,8 @@ def latents(vae, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lat_path = WORK / "latents.pt"
     if not lat_path.exists():
         t = time.time()
-        torch.save(encode_latents(vae, imgs), lat_path)
+        torch.save(encode_latents(vae, imgs), str(lat_path) + ".tmp")
+        Path(str(lat_path) + ".tmp").replace(lat_path)
         log(f"encoded latents in {time.time() - t:.0f}s")
     return torch.load(lat_path)
 
@@ -620,6 +633,9 @@ def stage_unet(out: Path, imgs: torch.Tensor, labels: np.ndarray) -> None:
                             [*unet.parameters(), *te.parameters()], strict=True):  # fmt: skip
                 e.lerp_(p, 1 - d)
         losses.append(loss.item())
+        if (step + 1) % 50 == 0 and torch.get_num_threads() < S.threads_alone and marker("lane_b").exists():
+            torch.set_num_threads(S.threads_alone)  # the other lane is done: take both cores
+            log(f"unet: lane b done, {S.threads_alone} threads from step {step + 1}")
         if (step + 1) % 50 == 0:
             log(f"unet {step + 1}/{S.unet_steps} loss {np.mean(losses):.4f} "
                 f"{(time.time() - tl) / 50:.2f}s/step")  # fmt: skip
@@ -724,37 +740,75 @@ def stage_assemble(out: Path) -> None:
 # ---------------------------------------------------------------------------- main
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--force", nargs="*", default=[], choices=STAGES, help="re-run these stages")
-    ap.add_argument("--only", nargs="*", default=None, choices=STAGES, help="run only these")
-    args = ap.parse_args()
-    torch.set_num_threads(S.threads)
-    WORK.mkdir(parents=True, exist_ok=True)
+def configure(overrides: list[str]) -> None:
+    """Apply KEY=VALUE overrides to the settings (values parsed as the field's type)."""
+    global S, WORK, LOG
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        default = getattr(Settings(), key)
+        if isinstance(default, tuple):
+            changes[key] = tuple(int(v) for v in value.split(","))
+        elif isinstance(default, bool):
+            changes[key] = value.lower() in ("1", "true", "yes")
+        else:
+            changes[key] = type(default)(value)
+    S = dataclasses.replace(Settings(), **changes)
+    WORK = ROOT / S.work
+    LOG = WORK / "train.log"
+
+
+# Two lanes, one core each: the UNet (lane a, the long pole) and everything else (lane b).
+# A stage that needs another lane's output waits for that stage's marker file.
+LANES = {"a": ("vae", "unet"), "b": ("text", "classifier", "clip", "decoder", "judge")}
+NEEDS = {"unet": ("vae", "text"), "decoder": ("vae",), "judge": ("decoder", "classifier")}
+
+
+def outputs() -> dict[str, Path]:
     evals = ROOT / S.evaluators_out
-    evals.mkdir(parents=True, exist_ok=True)
-    outputs = {
+    return {
         "tokenizer": WORK / "tokenizer", "vae": WORK / "vae", "text": WORK / "text",
         "classifier": evals / "attributes", "unet": WORK / "unet", "decoder": WORK / "vae_ft",
         "judge": WORK / "judge", "clip": evals / "clip",
         "assemble": ROOT / S.pipeline_out,
     }  # fmt: skip
-    t_all = time.time()
-    data = None
-    for stage in STAGES:
-        if args.only is not None and stage not in args.only:
-            continue
-        out = outputs[stage]
+
+
+def marker(stage: str) -> Path:
+    return WORK / f"{stage}.done"
+
+
+def wait_for(stage: str, partner_alive) -> None:
+    """Block until the stages `stage` needs have finished (in the other lane)."""
+    missing = [n for n in NEEDS.get(stage, ()) if not marker(n).exists()]
+    if missing:
+        log(f"{stage} waits for {', '.join(missing)}")
+    while any(not marker(n).exists() for n in NEEDS.get(stage, ())):
+        if not partner_alive():
+            raise SystemExit(f"{stage}: the other lane stopped before {missing} finished; see {LOG}")
+        time.sleep(2)
+
+
+def run_stages(stages, force: list[str], data, partner_alive=None):
+    for stage in stages:
+        out = outputs()[stage]
         done = out.exists() and stage != "assemble"
         if stage == "decoder" and done:  # several rounds, one output folder
             done = int((out / "rounds.txt").read_text()) >= S.decoder_rounds
-        if done and stage not in args.force:
+        if done and stage not in force:
             log(f"skip {stage}: {out} exists")
+            marker(stage).touch()
             continue
-        if stage in args.force and out.exists() and stage != "assemble":
+        marker(stage).unlink(missing_ok=True)
+        if stage in force and out.exists() and stage != "assemble":
             shutil.rmtree(out)
             if stage == "unet":
                 (WORK / "unet_ckpt.pt").unlink(missing_ok=True)
+        if partner_alive is not None:
+            wait_for(stage, partner_alive)
         if data is None and stage not in ("tokenizer", "assemble"):
             data = load_data()
         t = time.time()
@@ -772,7 +826,47 @@ def main() -> None:
             stage_fns = {"text": stage_text, "classifier": stage_classifier, "unet": stage_unet,
                          "judge": stage_judge, "clip": stage_clip}  # fmt: skip
             stage_fns[stage](out, *data)
+        marker(stage).touch()
         log(f"stage {stage} took {time.time() - t:.0f}s")
+    return data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--force", nargs="*", default=[], choices=STAGES, help="re-run these stages")
+    ap.add_argument("--only", nargs="*", default=None, choices=STAGES,
+                    help="run only these, in order, in this process")
+    ap.add_argument("--lane", choices=sorted(LANES), help=argparse.SUPPRESS)  # the child process
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override a setting, e.g. --set unet_steps=100 work=/tmp/run")
+    args = ap.parse_args()
+    configure(args.set)
+    torch.set_num_threads(S.threads)
+    WORK.mkdir(parents=True, exist_ok=True)
+    (ROOT / S.evaluators_out).mkdir(parents=True, exist_ok=True)
+    t_all = time.time()
+    if args.only is not None:
+        run_stages([s for s in STAGES if s in args.only], args.force, None)
+    elif args.lane == "b":  # started by the parent below; stops if the parent dies
+        parent = os.getppid()
+        run_stages(LANES["b"], args.force, None, lambda: os.getppid() == parent)
+        marker("lane_b").touch()
+        log(f"lane b done in {time.time() - t_all:.0f}s")
+        return
+    else:
+        data = run_stages(["tokenizer"], args.force, load_data())
+        marker("lane_b").unlink(missing_ok=True)
+        argv = [sys.executable, __file__, "--lane", "b", "--force", *args.force, "--set", *args.set]
+        child = subprocess.Popen(argv, stdout=subprocess.DEVNULL)  # it logs to the same file
+        try:
+            run_stages(LANES["a"], args.force, data, lambda: child.poll() is None)
+        except BaseException:
+            child.terminate()  # lane b may be waiting for this lane's output
+            child.wait()
+            raise
+        if child.wait() != 0:
+            raise SystemExit(f"lane b failed (exit {child.returncode}); see {LOG}")
+        run_stages(["assemble"], args.force, data)
     log(f"all stages done in {time.time() - t_all:.0f}s")
 
 
