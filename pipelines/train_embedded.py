@@ -27,15 +27,15 @@ Run:  python pipelines/train_embedded.py            (log: runs/embedded/train.lo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import random
 import os
+import random
 import shutil
 import subprocess
 import sys
 import time
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
