@@ -47,6 +47,11 @@ class LayerSpec:
         act_granularity: only "tensor" is supported for activations (static, calibrated).
         act_symmetric: symmetric activation range (zero point 0); default asymmetric.
         rounding: "nearest" or "learned" (AdaRound-style, needs calibration samples).
+        pair_limit: signed INT weights per channel only: cap on |code[n, 2j]| +
+            |code[n, 2j + 1]| over adjacent input channels (at each kernel tap). AVX2 CPUs
+            without VNNI add u8 x s8 products in such pairs into saturating int16, so with 128
+            any uint8 activation runs in one exact integer pass. Each channel's scale is the
+            weight-MSE-best one meeting the cap (`dq.modules.pair_limited_codes`).
     """
 
     weight: str = "int8"
@@ -56,6 +61,7 @@ class LayerSpec:
     act_granularity: str = "tensor"
     act_symmetric: bool = False
     rounding: str = "nearest"
+    pair_limit: int | None = None
 
     def __post_init__(self) -> None:
         known = _known_formats()
@@ -82,6 +88,23 @@ class LayerSpec:
             )
         if self.rounding not in _ROUNDINGS:
             raise ValueError(f"rounding {self.rounding!r} is not valid; use one of {_ROUNDINGS}")
+        if self.pair_limit is not None:
+            fmt = formats.get(self.weight)
+            if fmt.kind != "int" or not fmt.signed:
+                raise ValueError(
+                    f"pair_limit applies to signed INT weights, not {self.weight!r}; "
+                    "drop pair_limit or use an intN weight format"
+                )
+            if self.weight_granularity != "channel":
+                raise ValueError(
+                    f"pair_limit needs weight_granularity 'channel', not "
+                    f"{self.weight_granularity!r}"
+                )
+            if not isinstance(self.pair_limit, int) or not fmt.qmax <= self.pair_limit:
+                raise ValueError(
+                    f"pair_limit must be an integer >= {fmt.qmax} (the largest {self.weight} "
+                    f"code), got {self.pair_limit!r}; 128 suits AVX2 CPUs"
+                )
 
     @property
     def group_size(self) -> int:
@@ -238,8 +261,13 @@ class QuantConfig:
 
 # name -> (default LayerSpec, one-line description)
 PRESETS: dict[str, tuple[LayerSpec, str]] = {
-    # int8 per-channel weights, uint8 per-tensor static activations: the fast CPU/GPU path
-    "w8a8": (LayerSpec("int8", "channel", act="uint8"), "INT8 weights and activations"),
+    # int8 per-channel weights, uint8 per-tensor static activations: the fast CPU/GPU path.
+    # Adjacent input-channel weight pairs keep |a| + |b| <= 128 so that AVX2 CPUs without VNNI
+    # run every layer in one exact integer pass (costs ~0.2 bit of weight resolution)
+    "w8a8": (
+        LayerSpec("int8", "channel", act="uint8", pair_limit=128),
+        "INT8 weights and activations",
+    ),
     # int7 per-channel weights, uint8 activations: runs in one integer pass on AVX2 CPUs without
     # VNNI (u8 x s8 pair sums cannot saturate int16 when |w| <= 63); int8 kernels elsewhere
     "w7a8": (LayerSpec("int7", "channel", act="uint8"), "INT7 weights, INT8 activations"),

@@ -102,11 +102,47 @@ def encode_weight(w: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
     w2 = weight_2d(w.detach().float())  # [O, K]
     symmetric = not weight_has_zero_point(fmt)
     scale, zp = quant.compute_qparams(w2, fmt, gran, method=spec.weight_method, symmetric=symmetric)
-    q = quant.quantize(w2, fmt, scale, zp, gran)  # grid values, [O, K]
+    if spec.pair_limit is not None:  # signed INT per channel (checked by LayerSpec)
+        scale, q = pair_limited_codes(w.detach().float(), scale, fmt.qmax, spec.pair_limit)
+    else:
+        q = quant.quantize(w2, fmt, scale, zp, gran)  # grid values, [O, K]
     out = {"qdata": pack_codes(q, fmt), "scale": _flat_scale(scale, w2.shape[0])}
     if zp is not None:
         out["zero_point"] = _flat_scale(zp.float(), w2.shape[0])
     return out
+
+
+def pair_limited_codes(
+    w: torch.Tensor, scale: torch.Tensor, qmax: int, limit: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-channel INT codes with |q[n, 2j]| + |q[n, 2j + 1]| <= limit for every
+    adjacent input-channel pair (at each kernel tap of a convolution).
+
+    Each channel's scale grows to max(scale, P / limit), P its largest |w[2j]| + |w[2j + 1]|,
+    so unrounded pairs fit; where rounding both up overshoots by one, the weight that rounded
+    up further is rounded down instead. Nothing clips (P >= max |w|). On SD-like weights this
+    costs about 3 dB of weight SQNR against plain int8 (7-bit weights cost 6 dB).
+
+    Args:
+        w: float weight [O, I, *k]; scale: [O] or [O, 1], positive.
+    Returns:
+        (scale shaped as given, codes [O, K] float in w's flattened order)
+    """
+    from dq.kernels.cpu import pair_absmax
+
+    o, i = w.shape[0], w.shape[1]
+    s = torch.maximum(scale.reshape(o).float(), pair_absmax(w) / limit)
+    x = w.reshape(o, i, -1) / s.view(o, 1, 1)  # [O, I, taps]
+    if i % 2:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 1))
+    xa, xb = x[:, 0::2], x[:, 1::2]
+    qa, qb = xa.round().clamp(-qmax, qmax), xb.round().clamp(-qmax, qmax)
+    over = qa.abs() + qb.abs() > limit  # by exactly one
+    down_a = over & (qa.abs() - xa.abs() >= qb.abs() - xb.abs())
+    qa = qa - qa.sign() * down_a
+    qb = qb - qb.sign() * (over & ~down_a)
+    q = torch.stack((qa, qb), dim=2).reshape(o, -1, x.shape[2])[:, :i]  # interleave pairs
+    return s.reshape(scale.shape).to(scale.dtype), q.reshape(o, -1)
 
 
 def weight_has_zero_point(fmt) -> bool:

@@ -42,8 +42,14 @@ def test_mixed_plan_round_trips_and_lookup_order():
         ({"act_granularity": "channel"}, "per tensor"),
         ({"weight_method": "magic"}, "weight_method"),
         ({"rounding": "stochastic"}, "rounding"),
+        ({"weight": "fp8_e4m3", "pair_limit": 128}, "signed INT"),
+        ({"weight": "uint8", "pair_limit": 128}, "signed INT"),
+        ({"weight_granularity": "group32", "pair_limit": 128}, "'channel'"),
+        ({"pair_limit": 100}, "integer >= 127"),
+        ({"pair_limit": 128.0}, "integer >= 127"),
     ],
-    ids=["bad-weight", "bad-act", "bad-granularity", "bad-act-granularity", "bad-method", "bad-rounding"],
+    ids=["bad-weight", "bad-act", "bad-granularity", "bad-act-granularity", "bad-method",
+         "bad-rounding", "pair-fp", "pair-unsigned", "pair-group", "pair-small", "pair-float"],
 )
 def test_layer_spec_rejects_bad_values_with_fix(kwargs, needle):
     with pytest.raises(ValueError, match=needle):

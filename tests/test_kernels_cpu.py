@@ -180,11 +180,71 @@ def test_w8a8_matches_fp32_reference(kind):
     assert bool((err <= tie_err + 1e-5 * y_ref.abs().max()).all())
 
 
-@pytest.mark.parametrize("w_absmax,expected", [(127, 129), (64, 255), (8, 255)])
-def test_safe_code_bound_on_int16_pair_engines(monkeypatch, w_absmax, expected):
+@pytest.mark.parametrize("pair_max,expected", [(254, 129), (128, 255), (16, 255), (0, 255)])
+def test_safe_code_bound_on_int16_pair_engines(monkeypatch, pair_max, expected):
     monkeypatch.setattr(cpu, "INT32_DOT_PRODUCTS", False)
-    assert cpu.safe_code_max(w_absmax) == expected
-    assert expected * 2 * w_absmax <= 32767 or expected == 255
+    assert cpu.safe_code_max(pair_max) == expected
+    assert expected * pair_max <= 32767
+
+
+def test_pair_absmax_pairs_adjacent_input_channels_per_tap():
+    w = torch.zeros(2, 5, 1, 2, dtype=torch.int8)
+    w[0, 0, 0, 0], w[0, 1, 0, 1] = 100, -90  # same pair (0, 1), different taps: not summed
+    w[0, 2, 0, 1], w[0, 3, 0, 1] = 50, -60  # pair (2, 3) at tap 1: 110
+    w[1, 1, 0, 0], w[1, 2, 0, 0] = 120, 120  # channels 1 and 2 are not a pair
+    w[1, 4, 0, 0] = -127  # odd last channel pairs with padding
+    assert cpu.pair_absmax(w).tolist() == [110, 127]
+    assert cpu.pair_absmax(w.reshape(2, -1)[:, :4]).tolist() == [100, 120]  # linear [N, K]
+
+
+def _pair_patterns(shape):
+    """Adversarial int8 weights [O, I, ...]: 127 on every even input channel (pairs 127 + 1), and
+    127 on channels 4j + 1 and 4j + 2 (neighbours in different pairs): both have pair sums
+    <= 128, so one engine pass is exact only if the engine pairs (2j, 2j + 1)."""
+    even = torch.ones(shape, dtype=torch.int8)
+    even[:, 0::2] = 127
+    cross = torch.ones(shape, dtype=torch.int8)
+    cross[:, 1::4] = 127
+    cross[:, 2::4] = 127
+    return {"even": even, "cross": cross}
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 16), (77, 320, 96), (300, 67, 32), (8, 1280, 512)])
+def test_engine_pairs_are_adjacent_input_channels_linear(monkeypatch, m, k, n):
+    """Every code 255 with pair sums of 128 is exact in one pass (on AVX2 this fails if the
+    engine's int16 pairs are other than (2j, 2j + 1))."""
+    runs = []
+    real = cpu._exact_engine_sum
+    monkeypatch.setattr(cpu, "_exact_engine_sum", lambda q, *a: runs.append(1) or real(q, *a))
+    x = torch.full((m, k), 255.0)
+    for w in _pair_patterns((n, k)).values():
+        assert int(cpu.pair_absmax(w).max()) <= 128
+        y = OPS.linear_w8a8(x, w, torch.ones(n), None, torch.tensor(1.0), torch.tensor(0))
+        ref = x.double() @ w.double().T  # integers below 2**24: exact in fp32 too
+        torch.testing.assert_close(y.double(), ref, rtol=0, atol=0)
+        assert cpu.safe_code_max(int(cpu.pair_absmax(w).max())) == 255  # one pass
+
+
+@pytest.mark.parametrize(
+    "b,i,hw,o,stride,ksize", [(1, 320, 8, 64, 1, 3), (2, 4, 16, 32, 1, 3), (1, 64, 8, 64, 2, 3),
+                              (1, 96, 6, 48, 1, 1)]
+)  # fmt: skip
+def test_engine_pairs_are_adjacent_input_channels_conv(b, i, hw, o, stride, ksize):
+    x = torch.full((b, i, hw, hw), 255.0)
+    geo = ([stride] * 2, [ksize // 2] * 2, [1, 1], 1)
+    for w in _pair_patterns((o, i, ksize, ksize)).values():
+        y = OPS.conv2d_w8a8(x, w, torch.ones(o), None, torch.tensor(1.0), torch.tensor(0), *geo)
+        ref = F.conv2d(x.double(), w.double(), None, *geo)
+        torch.testing.assert_close(y.double(), ref, rtol=0, atol=0)
+
+
+def test_weights_over_the_pair_bound_still_exact_through_the_split():
+    w = torch.ones(16, 64, dtype=torch.int8)
+    w[:, 0::4] = 127
+    w[:, 1::4] = 127  # pairs of 254: one pass would saturate on AVX2
+    x = torch.full((5, 64), 255.0)
+    y = OPS.linear_w8a8(x, w, torch.ones(16), None, torch.tensor(1.0), torch.tensor(0))
+    torch.testing.assert_close(y.double(), x.double() @ w.double().T, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("code_max", [255, 129])

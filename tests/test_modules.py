@@ -134,3 +134,53 @@ def test_cache_nbytes_counts_only_the_given_modules_prepacked_weights():
     assert kernels.cache_nbytes(b) >= 64 * 256
     assert kernels.cache_nbytes(a) < 128 * 256 * 2
     assert kernels.cache_nbytes() >= kernels.cache_nbytes(a) + kernels.cache_nbytes(b)
+
+
+# ----------------------------------------------------------------------------- pair limit
+
+
+def _sqnr(w, wq):
+    return float(10 * torch.log10(w.pow(2).sum() / (w - wq).pow(2).sum()))
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (32, 24, 3, 3), (16, 7, 3, 3)])
+def test_pair_limited_codes_meet_the_limit_between_int8_and_int7(shape):
+    from dq.kernels.cpu import pair_absmax
+    from dq.modules import pair_limited_codes
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    w2 = w.reshape(shape[0], -1)
+    s_mm = w2.abs().amax(1) / 127
+    s, q = pair_limited_codes(w, s_mm, 127, 128)
+    assert q.shape == w2.shape and bool((q == q.round()).all()) and int(q.abs().max()) <= 127
+    assert int(pair_absmax(q.reshape(shape)).max()) <= 128
+    assert bool((s >= s_mm).all())
+    s7 = w2.abs().amax(1) / 63  # 7-bit weights: the other way to one exact AVX2 pass
+    assert _sqnr(w2, q * s[:, None]) > _sqnr(w2, (w2 / s7[:, None]).round() * s7[:, None]) + 1
+    full = (w2 / s_mm[:, None]).round() * s_mm[:, None]  # no limit: the upper bound
+    assert _sqnr(w2, q * s[:, None]) <= _sqnr(w2, full) + 1e-6
+
+
+def test_pair_limit_keeps_min_max_scale_when_no_pair_is_large():
+    from dq.modules import pair_limited_codes
+
+    w = torch.full((4, 8), 0.005)
+    w[:, 3] = 1.0  # one large weight per row: every pair sum <= 128 at the min-max scale
+    s_mm = w.abs().amax(1) / 127
+    s, q = pair_limited_codes(w, s_mm, 127, 128)
+    torch.testing.assert_close(s, s_mm)
+    assert q[:, 3].tolist() == [127.0] * 4
+
+
+def test_w8a8_preset_layers_run_in_one_engine_pass(monkeypatch):
+    from dq.kernels import cpu
+
+    monkeypatch.setattr(cpu, "INT32_DOT_PRODUCTS", False)
+    torch.manual_seed(0)
+    lin = QLinear.from_float(nn.Linear(64, 32), LayerSpec("int8", "channel", act="uint8",
+                             pair_limit=128), act_range=(-1.0, 1.0))  # fmt: skip
+    assert int(cpu.pair_absmax(lin.qdata).max()) <= 128
+    assert cpu.safe_code_max(int(cpu.pair_absmax(lin.qdata).max())) == 255
+    plain = QLinear.from_float(nn.Linear(64, 32), LayerSpec("int8", "channel", act="uint8"),
+                               act_range=(-1.0, 1.0))  # fmt: skip
+    assert int(cpu.pair_absmax(plain.qdata).max()) > 128  # what the limit avoids

@@ -12,13 +12,15 @@ W8A8 / W4A8: integer GEMMs through oneDNN (the engine behind inductor's x86 quan
   top of its 0.5-byte codes). `clear_cache()` drops every entry.
 - Exactness. With VNNI / AMX (avx512_vnni, avx_vnni, amx_int8) u8 x s8 products accumulate in
   int32 and the engine is exact. On plain AVX2 (this project's dev machine) `vpmaddubsw` adds
-  *pairs* of u8 x s8 products in int16 with saturation, so a pair is exact only while
-  q_max * 2 * max|w| <= 32767: codes <= 129 with full-range int8 weights, any code with 4-bit
-  weights. When a call's codes exceed that bound, the codes are split exactly,
-  q = min(q, T) + (q - min(q, T)), and the engine runs twice (the second time with zero point
-  0) -- exact, at about twice the integer cost. So on AVX2, activations calibrated to 128
-  levels (scale = range / 127, codes <= 127) run once and ~1.8x faster than fp32, while full
-  8-bit activation codes cost about as much as fp32 (eval/bench_kernels.py measures both).
+  *pairs* of u8 x s8 products in int16 with saturation. The pairs are adjacent input channels
+  (k = 2j, 2j + 1; for a convolution, at the same kernel tap -- tests/test_kernels_cpu.py checks
+  this on adversarial weights), so a call is exact while q_max * P <= 32767, where
+  P = max |w[n, 2j]| + |w[n, 2j + 1]| is the weight's largest pair sum (cached per weight).
+  Weights quantized with `LayerSpec(pair_limit=128)` (the "w8a8" preset), 7-bit or 4-bit
+  weights have P <= 128 and run once for any uint8 codes. Otherwise, when a call's codes exceed
+  the bound, they are split exactly, q = min(q, T) + (q - min(q, T)), and the engine runs twice
+  (the second time with zero point 0) -- exact, at about twice the integer cost
+  (eval/bench_kernels.py measures both).
 - Per-group weight scales (W4A8 per group) have no integer engine here: reference fallback.
 
 Weight-only (blocked dequantize-and-matmul): output channels are processed in blocks of
@@ -30,6 +32,7 @@ with one table gather per byte (`F.embedding` on a 256-entry table, both nibbles
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -161,11 +164,24 @@ def _cpu_flags() -> set[str]:
 INT32_DOT_PRODUCTS = bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def safe_code_max(w_absmax: int) -> int:
-    """Largest activation code for which the engine is exact with weights |w| <= w_absmax."""
-    if INT32_DOT_PRODUCTS or w_absmax == 0:
+def safe_code_max(pair_max: int) -> int:
+    """Largest activation code for which the engine is exact when every adjacent input-channel
+    pair of weights has |w[2j]| + |w[2j + 1]| <= pair_max (see `pair_absmax`)."""
+    if INT32_DOT_PRODUCTS or pair_max == 0:
         return 255
-    return min(255, 32767 // (2 * w_absmax))  # 129 for full-range int8, 255 for 4-bit
+    return min(255, 32767 // pair_max)  # 255 up to 128, 129 for int8 pairs of 127 + 127
+
+
+def pair_absmax(w: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the largest |w[:, 2j]| + |w[:, 2j + 1]| over adjacent input channels
+    (at each kernel tap of a convolution weight [O, I, kh, kw]): the int16 pair sums of AVX2
+    u8 x s8 dot products. An odd last channel pairs with zero padding. Returns [O], w's dtype
+    widened to int32 / fp32."""
+    a = w.abs().int() if not w.is_floating_point() else w.abs().float()
+    a = a.reshape(w.shape[0], w.shape[1], -1)  # [O, I, taps]
+    if a.shape[1] % 2:
+        a = F.pad(a, (0, 0, 0, 1))
+    return (a[:, 0::2] + a[:, 1::2]).amax(dim=(1, 2))
 
 
 def _int8_codes(w: torch.Tensor, k: int) -> torch.Tensor:
@@ -198,14 +214,16 @@ def _pack_conv(
     return torch.ops.onednn.qconv_prepack(w4, s_w, 1.0, 0, stride, padding, dilation, groups, None)
 
 
-def _weight_info(w: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-    """(zero weight zero points [N] int64, max |w|), cached per weight."""
+def _weight_info(w: torch.Tensor, shape: list[int]) -> tuple[torch.Tensor, int]:
+    """(zero weight zero points [N] int64, largest pair sum `pair_absmax`), cached per weight
+    of logical shape [N, K] (linear) or [O, I, kh, kw] (conv)."""
 
     def make():
-        codes = _int8_codes(w, k)
-        return torch.zeros(w.shape[0], dtype=torch.int64), int(codes.to(torch.int16).abs().max())
+        k = math.prod(shape[1:])
+        codes = _int8_codes(w, k).reshape(shape)
+        return torch.zeros(shape[0], dtype=torch.int64), int(pair_absmax(codes).max())
 
-    return PACK_CACHE.get(w, ("info", k), make)
+    return PACK_CACHE.get(w, ("info", tuple(shape)), make)
 
 
 def _exact_engine_sum(q: torch.Tensor, zero_point: int, bias, code_max: int, run) -> torch.Tensor:
@@ -223,14 +241,14 @@ def _qlinear(q: torch.Tensor, xs: float, xz: int, w, k: int, s_w, bias) -> torch
     """uint8 codes [M, K] x int8 weight [N, K] -> fp32 [M, N] (exact, see module docstring)."""
     w2 = w.reshape(w.shape[0], -1)
     packed = PACK_CACHE.get(w2, ("qlinear", k), lambda: _pack_linear(w2, k))
-    w_zp, w_absmax = _weight_info(w2, k)
+    w_zp, pair_max = _weight_info(w2, [w2.shape[0], k])
 
     def run(codes, zp, b):
         return torch.ops.onednn.qlinear_pointwise(
             codes, xs, zp, packed, s_w, w_zp, b, 1.0, 0, torch.float32, "none", [], ""
         )
 
-    return _exact_engine_sum(q, xz, _bias_f32(bias), safe_code_max(w_absmax), run)
+    return _exact_engine_sum(q, xz, _bias_f32(bias), safe_code_max(pair_max), run)
 
 
 def linear_w8a8(x, w, w_scale, bias=None, x_scale=None, x_zero_point=None):
@@ -266,14 +284,14 @@ def conv2d_w8a8(
     q = q.contiguous(memory_format=torch.channels_last)
     key = ("qconv", *map(tuple, geo[:3]), groups)
     packed = PACK_CACHE.get(w, key, lambda: _pack_conv(w, shape, s_w, *geo))
-    w_zp, w_absmax = _weight_info(w, k)
+    w_zp, pair_max = _weight_info(w, shape)
 
     def run(codes, zp, b):
         return torch.ops.onednn.qconv2d_pointwise(
             codes, xs, zp, packed, s_w, w_zp, b, *geo, 1.0, 0, torch.float32, "none", [], ""
         )
 
-    y = _exact_engine_sum(q, xz, _bias_f32(bias), safe_code_max(w_absmax), run)
+    y = _exact_engine_sum(q, xz, _bias_f32(bias), safe_code_max(pair_max), run)
     return y.to(x.dtype, memory_format=torch.channels_last)
 
 
