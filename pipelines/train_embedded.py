@@ -15,7 +15,8 @@ Stages (each skipped when its output exists, unless --force names it):
 Stages write to runs/embedded/ (ignored) and assets/. A full run uses two processes, one core
 each: lane a (vae, unet) and lane b (text, classifier, clip, decoder, judge); a stage waits for
 what it needs from the other lane, and the UNet takes both cores once lane b is done.
-From scratch on a 2-core machine this takes about 50 minutes.
+From scratch on a 2-core machine this took 48.5 minutes
+(eval/results/train_embedded.log).
 
 Run:  python pipelines/train_embedded.py            (log: runs/embedded/train.log)
       python pipelines/train_embedded.py --force unet assemble
@@ -81,17 +82,16 @@ class Settings:
     unet_channels: tuple[int, ...] = (32, 64, 64)  # latent 8x8 -> 4x4 -> 2x2
     unet_heads: int = 4  # attention heads per transformer block
     # Constant LR after warm-up, so stopping early (or resuming from a checkpoint and going
-    # on) equals a run with that many steps. The shipped UNet ran as 0-3000, 3000-4500,
-    # 4500-7000, 7000-8250 resumed from checkpoints (~85 min on a 2-core machine shared with
-    # other jobs; ~0.35 s/step when the cores were free).
+    # on) equals a run with that many steps. The shipped pipeline is one uninterrupted run of
+    # this script from scratch: 48.5 min on 2 cores (UNet 0.33 s/step on one core beside
+    # lane b, 0.30 s/step on both after it).
     unet_steps: int = 8250
     unet_batch: int = 32
     unet_lr: float = 5e-4
     text_ft_lr: float = 1e-4  # text encoder fine-tuned jointly with the UNet
     # From this step on, an auxiliary loss (attribute classification from the end-of-text
-    # state) and a higher text LR. Added mid-run at 4500, after finding the contrastive
-    # pre-training had left shape/position words almost indistinguishable; a fresh run
-    # could set it to 0.
+    # state) and a higher text LR. The contrastive pre-training leaves shape/position words
+    # almost indistinguishable; this loss, first added to a run at step 4500, is kept there.
     text_aux_from: int = 4500
     text_aux_weight: float = 0.05  # relative to the diffusion loss (~0.03)
     text_aux_lr: float = 1e-3  # attribute heads (not shipped)
