@@ -38,7 +38,7 @@ import torch
 class Settings:
     models: tuple[str, ...] = ("sd15", "embedded", "embedded-pipeline")  # also "tiny"
     configs: tuple[str, ...] = (
-        "fp32", "dq-w8a8", "dq-w7a8", "dq-w4a8", "dq-w4a16", "dq-fp8",
+        "fp32", "dq-w8a8", "dq-w8a8-full", "dq-w7a8", "dq-w4a8", "dq-w4a16", "dq-fp8",
         "torchao-int8-dynamic", "torchao-int8-weight-only", "quanto-w8a8",
     )
     sd15_latent: int = 32  # latent side for the SD 1.5 UNet: 256 px images, ~2-3 s per fp32 forward here
@@ -110,8 +110,8 @@ def apply_config(unet, config: str, make_inputs) -> str | None:
                 for inp in calib:
                     model(**inp)
 
-        cfg = dq.QuantConfig.from_preset(config[3:])
         note = None
+        cfg = dq_config(config)
         if cfg.default.weight_method != "minmax":
             # latency and bytes do not depend on how scales were searched; min-max keeps the
             # quantization step of an 860M-parameter UNet short
@@ -149,9 +149,18 @@ def _status(field_name: str) -> int:
     return -1
 
 
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Storage bytes of a tensor; a wrapper subclass (torchao's quantized weights) counts the
+    inner tensors it holds, not its nominal dtype."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def _weight_bytes(unet) -> int:
     """Every parameter and buffer, plus dq's prepacked engine copies (resident weight memory)."""
-    n = sum(t.numel() * t.element_size() for t in unet.state_dict().values())
+    n = sum(_tensor_bytes(t) for t in unet.state_dict().values())
     if any(type(m).__module__.startswith("dq.") for m in unet.modules()):
         from dq import kernels
 
@@ -191,6 +200,16 @@ def run_one(model: str, config: str, s: Settings) -> dict:
     }
 
 
+def dq_config(config: str):
+    """"dq-<preset>", or "dq-w8a8-full": int8 weights without the preset's AVX2 pair limit."""
+    import dq
+
+    if config == "dq-w8a8-full":
+        cfg = dq.QuantConfig.from_preset("w8a8")
+        return replace(cfg, default=replace(cfg.default, pair_limit=None), name="w8a8-full")
+    return dq.QuantConfig.from_preset(config[3:])
+
+
 def run_pipeline(config: str, s: Settings) -> dict:
     """Whole text-to-image call on the embedded pipeline (text encoder + UNet steps + VAE)."""
     import dq
@@ -200,8 +219,7 @@ def run_pipeline(config: str, s: Settings) -> dict:
     pipe = assets.load_embedded_pipeline()
     call = assets.embedded_defaults()
     if config != "fp32":
-        preset = config[3:] if config.startswith("dq-") else config
-        dq.quantize(pipe, preset, calib_prompts=assets.calibration_prompts()[:16], progress=False,
+        dq.quantize(pipe, dq_config(config), calib_prompts=assets.calibration_prompts()[:16], progress=False,
                     num_inference_steps=call["num_inference_steps"], guidance_scale=call["guidance_scale"])  # fmt: skip
     prompts = assets.heldout_prompts(4)[0]
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731

@@ -43,6 +43,8 @@ class Settings:
 # min-max scales: the naive baseline the world must show as damaged.
 CONFIGS = {
     "w8a8": "w8a8",
+    # int8 without the preset's pair limit (|w[2j]| + |w[2j+1]| <= 128 for AVX2's one-pass engine)
+    "w8a8-full": QuantConfig(default=LayerSpec("int8", "channel", act="uint8"), name="w8a8-full"),
     "w7a8": "w7a8",
     "fp8": "fp8",
     "w4a16": "w4a16",
