@@ -229,8 +229,8 @@ def _weight_info(w: torch.Tensor, shape: list[int]) -> tuple[torch.Tensor, int]:
 def _exact_engine_sum(q: torch.Tensor, zero_point: int, bias, code_max: int, run) -> torch.Tensor:
     """run(codes, zero_point, bias) on q, split into two exact runs when codes exceed code_max:
     q = min(q, T) + (q - min(q, T)), the second run with zero point 0 and no bias."""
-    if q.numel() == 0 or int(q.max()) <= code_max:
-        return run(q, zero_point, bias)
+    if code_max >= 255 or q.numel() == 0 or int(q.max()) <= code_max:
+        return run(q, zero_point, bias)  # (no reduction over q when every code is safe)
     q_lo = q.clamp(max=code_max)
     y = run(q_lo, zero_point, bias)
     y += run(q - q_lo, 0, None)  # q - q_lo <= 255 - T <= T: exact too
