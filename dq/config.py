@@ -50,8 +50,8 @@ class LayerSpec:
         pair_limit: signed INT weights per channel only: cap on |code[n, 2j]| +
             |code[n, 2j + 1]| over adjacent input channels (at each kernel tap). AVX2 CPUs
             without VNNI add u8 x s8 products in such pairs into saturating int16, so with 128
-            any uint8 activation runs in one exact integer pass. Each channel's scale is the
-            weight-MSE-best one meeting the cap (`dq.modules.pair_limited_codes`).
+            any uint8 activation runs in one exact integer pass. Each channel's scale grows just
+            enough to meet the cap (`dq.modules.pair_limited_codes`).
     """
 
     weight: str = "int8"
@@ -263,7 +263,8 @@ class QuantConfig:
 PRESETS: dict[str, tuple[LayerSpec, str]] = {
     # int8 per-channel weights, uint8 per-tensor static activations: the fast CPU/GPU path.
     # Adjacent input-channel weight pairs keep |a| + |b| <= 128 so that AVX2 CPUs without VNNI
-    # run every layer in one exact integer pass (costs ~0.2 bit of weight resolution)
+    # run every layer in one exact integer pass (costs ~3-4 dB of weight SQNR, about half a bit;
+    # eval/pair_limit_sqnr.py)
     "w8a8": (
         LayerSpec("int8", "channel", act="uint8", pair_limit=128),
         "INT8 weights and activations",

@@ -59,6 +59,7 @@ __all__ = [
     "signed_to_offset",
     "offset_to_signed",
     "sqnr_db",
+    "pair_absmax",
 ]
 
 
@@ -551,3 +552,15 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
         return math.inf
     signal = ref.pow(2).sum().item()
     return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def pair_absmax(w: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the largest |w[:, 2j]| + |w[:, 2j + 1]| over adjacent input channels
+    (at each kernel tap of a convolution weight [O, I, kh, kw]): the int16 pair sums of AVX2
+    u8 x s8 dot products. An odd last channel pairs with zero padding. Returns [O], int32 for
+    integer codes (widened before abs: |-128| fits), fp32 for float weights."""
+    a = (w.float() if w.is_floating_point() else w.int()).abs()
+    a = a.reshape(w.shape[0], w.shape[1], -1)  # [O, I, taps]
+    if a.shape[1] % 2:
+        a = torch.nn.functional.pad(a, (0, 0, 0, 1))
+    return (a[:, 0::2] + a[:, 1::2]).amax(dim=(1, 2))

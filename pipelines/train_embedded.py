@@ -855,7 +855,8 @@ def main() -> None:
         return
     else:
         data = run_stages(["tokenizer"], args.force, load_data())
-        marker("lane_b").unlink(missing_ok=True)
+        for stage in (*LANES["a"], *LANES["b"], "lane_b"):  # markers of earlier runs: each
+            marker(stage).unlink(missing_ok=True)  # lane re-marks what it finds done or does
         argv = [sys.executable, __file__, "--lane", "b", "--force", *args.force, "--set", *args.set]
         child = subprocess.Popen(argv, stdout=subprocess.DEVNULL)  # it logs to the same file
         try:

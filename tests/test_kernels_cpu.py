@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dq import kernels
+from dq import kernels, quant
 from dq.kernels import cpu, ops, reference
 
 OPS = torch.ops.dq
@@ -192,9 +192,9 @@ def test_pair_absmax_pairs_adjacent_input_channels_per_tap():
     w[0, 0, 0, 0], w[0, 1, 0, 1] = 100, -90  # same pair (0, 1), different taps: not summed
     w[0, 2, 0, 1], w[0, 3, 0, 1] = 50, -60  # pair (2, 3) at tap 1: 110
     w[1, 1, 0, 0], w[1, 2, 0, 0] = 120, 120  # channels 1 and 2 are not a pair
-    w[1, 4, 0, 0] = -127  # odd last channel pairs with padding
-    assert cpu.pair_absmax(w).tolist() == [110, 127]
-    assert cpu.pair_absmax(w.reshape(2, -1)[:, :4]).tolist() == [100, 120]  # linear [N, K]
+    w[1, 4, 0, 0] = -128  # odd last channel pairs with padding; |-128| must not wrap in int8
+    assert quant.pair_absmax(w).tolist() == [110, 128]
+    assert quant.pair_absmax(w.reshape(2, -1)[:, :4]).tolist() == [100, 120]  # linear [N, K]
 
 
 def _pair_patterns(shape):
@@ -213,16 +213,20 @@ def _pair_patterns(shape):
 def test_engine_pairs_are_adjacent_input_channels_linear(monkeypatch, m, k, n):
     """Every code 255 with pair sums of 128 is exact in one pass (on AVX2 this fails if the
     engine's int16 pairs are other than (2j, 2j + 1))."""
-    runs = []
+    code_maxes = []
     real = cpu._exact_engine_sum
-    monkeypatch.setattr(cpu, "_exact_engine_sum", lambda q, *a: runs.append(1) or real(q, *a))
+
+    def spy(q, zp, bias, code_max, run):
+        code_maxes.append(code_max)
+        return real(q, zp, bias, code_max, run)
+
+    monkeypatch.setattr(cpu, "_exact_engine_sum", spy)
     x = torch.full((m, k), 255.0)
     for w in _pair_patterns((n, k)).values():
-        assert int(cpu.pair_absmax(w).max()) <= 128
         y = OPS.linear_w8a8(x, w, torch.ones(n), None, torch.tensor(1.0), torch.tensor(0))
         ref = x.double() @ w.double().T  # integers below 2**24: exact in fp32 too
         torch.testing.assert_close(y.double(), ref, rtol=0, atol=0)
-        assert cpu.safe_code_max(int(cpu.pair_absmax(w).max())) == 255  # one pass
+    assert code_maxes == [255, 255]  # every code safe: one engine pass, no split
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """Quantized layers: real packed storage, dequantize == fake-quant maths, kernel forward ==
 reference forward, for format x granularity x module type."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -145,8 +147,8 @@ def _sqnr(w, wq):
 
 @pytest.mark.parametrize("shape", [(48, 96), (32, 24, 3, 3), (16, 7, 3, 3)])
 def test_pair_limited_codes_meet_the_limit_between_int8_and_int7(shape):
-    from dq.kernels.cpu import pair_absmax
     from dq.modules import pair_limited_codes
+    from dq.quant import pair_absmax
 
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     w2 = w.reshape(shape[0], -1)
@@ -173,14 +175,14 @@ def test_pair_limit_keeps_min_max_scale_when_no_pair_is_large():
 
 
 def test_w8a8_preset_layers_run_in_one_engine_pass(monkeypatch):
+    from dq.config import PRESETS
     from dq.kernels import cpu
 
     monkeypatch.setattr(cpu, "INT32_DOT_PRODUCTS", False)
     torch.manual_seed(0)
-    lin = QLinear.from_float(nn.Linear(64, 32), LayerSpec("int8", "channel", act="uint8",
-                             pair_limit=128), act_range=(-1.0, 1.0))  # fmt: skip
-    assert int(cpu.pair_absmax(lin.qdata).max()) <= 128
-    assert cpu.safe_code_max(int(cpu.pair_absmax(lin.qdata).max())) == 255
-    plain = QLinear.from_float(nn.Linear(64, 32), LayerSpec("int8", "channel", act="uint8"),
-                               act_range=(-1.0, 1.0))  # fmt: skip
-    assert int(cpu.pair_absmax(plain.qdata).max()) > 128  # what the limit avoids
+    spec = PRESETS["w8a8"][0]
+    lin = QLinear.from_float(nn.Linear(64, 32), spec, act_range=(-1.0, 1.0))
+    assert int(quant.pair_absmax(lin.qdata).max()) <= 128
+    assert cpu.safe_code_max(int(quant.pair_absmax(lin.qdata).max())) == 255
+    plain = QLinear.from_float(nn.Linear(64, 32), replace(spec, pair_limit=None), act_range=(-1.0, 1.0))
+    assert int(quant.pair_absmax(plain.qdata).max()) > 128  # what the limit avoids

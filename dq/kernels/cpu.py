@@ -41,7 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from dq.kernels import reference
 from dq.kernels.ops import OP_NAMES, register_impl
-from dq.quant import unpack_int4
+from dq.quant import pair_absmax, unpack_int4
 
 ONEDNN_INT8 = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.onednn, "qlinear_pointwise"
@@ -166,22 +166,10 @@ INT32_DOT_PRODUCTS = bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 def safe_code_max(pair_max: int) -> int:
     """Largest activation code for which the engine is exact when every adjacent input-channel
-    pair of weights has |w[2j]| + |w[2j + 1]| <= pair_max (see `pair_absmax`)."""
+    pair of weights has |w[2j]| + |w[2j + 1]| <= pair_max (see `dq.quant.pair_absmax`)."""
     if INT32_DOT_PRODUCTS or pair_max == 0:
         return 255
     return min(255, 32767 // pair_max)  # 255 up to 128, 129 for int8 pairs of 127 + 127
-
-
-def pair_absmax(w: torch.Tensor) -> torch.Tensor:
-    """Per output channel, the largest |w[:, 2j]| + |w[:, 2j + 1]| over adjacent input channels
-    (at each kernel tap of a convolution weight [O, I, kh, kw]): the int16 pair sums of AVX2
-    u8 x s8 dot products. An odd last channel pairs with zero padding. Returns [O], w's dtype
-    widened to int32 / fp32."""
-    a = w.abs().int() if not w.is_floating_point() else w.abs().float()
-    a = a.reshape(w.shape[0], w.shape[1], -1)  # [O, I, taps]
-    if a.shape[1] % 2:
-        a = F.pad(a, (0, 0, 0, 1))
-    return (a[:, 0::2] + a[:, 1::2]).amax(dim=(1, 2))
 
 
 def _int8_codes(w: torch.Tensor, k: int) -> torch.Tensor:
