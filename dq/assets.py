@@ -1,8 +1,12 @@
-"""The embedded default: a tiny text-to-image pipeline and its evaluators, shipped in assets/.
+"""The embedded default: a tiny text-to-image pipeline and its evaluators, shipped in dq/data/.
+
+They install with the package (package data), so an installed dq runs its main job from any
+folder; `DQ_ASSETS` points at another folder of the same layout instead.
 
 Everything here loads offline. The pipeline is an ordinary diffusers StableDiffusionPipeline
 (AutoencoderKL, CLIPTextModel + CLIPTokenizer, UNet2DConditionModel, DPMSolverMultistep),
-trained by `pipelines/train_embedded.py` on a procedural world of coloured shapes (32x32).
+trained by `pipelines/train_embedded.py` on a procedural world of coloured shapes (32x32,
+`dq.world`).
 The evaluators are a small open_clip CLIP (CLIP score) and an attribute classifier whose
 penultimate features serve as FID features.
 
@@ -23,20 +27,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EMBEDDED_NAME = "tiny-shapes"  # the shipped pipeline's folder under assets/
+DATA_DIR = Path(__file__).resolve().parent / "data"  # the package's shipped data folder
+EMBEDDED_NAME = "tiny-shapes"  # the shipped pipeline's folder under DATA_DIR
+EVALUATORS_NAME = "evaluators"  # the shipped evaluators' folder under DATA_DIR
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, reused
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def assets_dir() -> Path:
-    """The assets/ folder: $DQ_ASSETS if set, else the one beside the dq package."""
+    """The folder holding `tiny-shapes/` and `evaluators/`: $DQ_ASSETS if set, else dq/data/.
+
+    Example:
+        DQ_ASSETS=/path/to/other/assets dq run    # same layout, other weights
+    """
     env = os.environ.get("DQ_ASSETS")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "assets"
-    if not path.is_dir():
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise ValueError(
+                f"DQ_ASSETS={env!r} is not a folder; point it at a folder holding "
+                f"{EMBEDDED_NAME}/ and {EVALUATORS_NAME}/, or unset it to use the packaged ones"
+            )
+        return path
+    if not (DATA_DIR / EMBEDDED_NAME).is_dir():
         raise ValueError(
-            f"assets folder {path} not found; run from a dq checkout or set DQ_ASSETS to it"
+            f"the packaged embedded pipeline is missing ({DATA_DIR / EMBEDDED_NAME} not found); "
+            "reinstall dq from a wheel or checkout that includes dq/data/, or set DQ_ASSETS to a "
+            f"folder holding {EMBEDDED_NAME}/ and {EVALUATORS_NAME}/"
         )
-    return path
+    return DATA_DIR
 
 
 def embedded_pipeline_path() -> Path:
@@ -83,7 +102,7 @@ def heldout_prompts(n: int | None = None) -> tuple[list[str], list[dict[str, str
         (prompts, labels) with labels[i] = {"colour": ..., "shape": ..., "size": ...,
         "position": ..., "background": ...}.
     """
-    rows = json.loads((assets_dir() / "evaluators" / "heldout_prompts.json").read_text())
+    rows = json.loads((assets_dir() / EVALUATORS_NAME / "heldout_prompts.json").read_text())
     if n is not None and not 0 < n <= len(rows):
         raise ValueError(f"n must be in 1..{len(rows)}, got {n}")
     rows = rows[:n]
@@ -208,12 +227,12 @@ def load_evaluators(path: str | Path | None = None) -> Evaluators:
     """Load the embedded world's evaluators (CLIP, attribute classifier, FID features) offline.
 
     Args:
-        path: evaluators folder; defaults to assets/evaluators.
+        path: evaluators folder; defaults to `assets_dir() / "evaluators"`.
     """
     import torchvision.transforms as T
     from transformers import CLIPTokenizer
 
-    root = Path(path) if path else assets_dir() / "evaluators"
+    root = Path(path) if path else assets_dir() / EVALUATORS_NAME
     ccfg = json.loads((root / "clip" / "config.json").read_text())
     clip = _load_state(build_clip(ccfg["model_cfg"]), root / "clip")
     tok = CLIPTokenizer.from_pretrained(str(root / "clip" / "tokenizer"))
@@ -231,20 +250,10 @@ def load_evaluators(path: str | Path | None = None) -> Evaluators:
 
 
 def world():
-    """The embedded world's generator module (pipelines/world.py of a dq checkout)."""
-    import importlib.util
-    import sys
+    """The embedded world's generator module, `dq.world` (kept for callers of this name)."""
+    from dq import world as world_module
 
-    if "dq_world" in sys.modules:
-        return sys.modules["dq_world"]
-    path = Path(__file__).resolve().parents[1] / "pipelines" / "world.py"
-    spec = importlib.util.spec_from_file_location("dq_world", path)
-    if spec is None or spec.loader is None or not path.exists():
-        raise ValueError(f"{path} not found; the world generator needs a dq checkout")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dq_world"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return world_module
 
 
 def real_images(labels: Sequence[dict[str, str]], seed: int = 1000) -> torch.Tensor:

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="main job: quantize the embedded pipeline, write a report and an image grid")
     p.add_argument("--out", default="out/run", help="output folder (default: out/run)")
     p.add_argument("--config", default="w8a8", help="preset name or QuantConfig JSON file (default: w8a8)")
-    p.add_argument("--pipeline", default=None, help="pipeline folder (default: the embedded one in assets/)")
+    p.add_argument("--pipeline", default=None, help="pipeline folder (default: the embedded one packaged in dq/data/)")
     p.add_argument("--num-prompts", type=int, default=8, help="evaluation prompts (default: 8)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
     p.set_defaults(func=_cmd_run)

@@ -34,8 +34,9 @@ def _load(settings: DemoSettings):
 
     if not assets.embedded_pipeline_path().is_dir():
         raise FileNotFoundError(
-            f"the embedded pipeline is missing at {assets.embedded_pipeline_path()}; use a full "
-            "checkout of dq, or pass --pipeline DIR"
+            f"the embedded pipeline is missing at {assets.embedded_pipeline_path()}; reinstall dq "
+            "with its package data (dq/data/), set DQ_ASSETS to a folder holding tiny-shapes/, "
+            "or pass --pipeline DIR"
         )
     return assets.load_embedded_pipeline(), assets
 

@@ -10,11 +10,12 @@ Stages (each skipped when its output exists, unless --force names it):
     decoder     the VAE decoder fine-tuned alone on the frozen encoder's latents
     judge       the attribute classifier fine-tuned on real images + VAE reconstructions
     clip        open_clip CLIP evaluator (tiny ViT + text tower) for the CLIP score
-    assemble    StableDiffusionPipeline -> assets/tiny-shapes, evaluators -> assets/evaluators
+    assemble    StableDiffusionPipeline -> dq/data/tiny-shapes, evaluators -> dq/data/evaluators
 
-Stages write to runs/embedded/ (ignored) and assets/. A full run uses two processes, one core
-each: lane a (vae, unet) and lane b (text, classifier, clip, decoder, judge); a stage waits for
-what it needs from the other lane, and the UNet takes both cores once lane b is done.
+Stages write to runs/embedded/ (ignored) and dq/data/ (package data, shipped in the wheel).
+A full run uses two processes, one core each: lane a (vae, unet) and lane b (text, classifier,
+clip, decoder, judge); a stage waits for what it needs from the other lane, and the UNet takes
+both cores once lane b is done.
 From scratch on a 2-core machine this took 48.5 minutes
 (eval/results/train_embedded.log).
 
@@ -48,7 +49,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines import world  # noqa: E402
+from dq import world  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ class Settings:
     threads: int = 1
     threads_alone: int = 2  # the UNet lane's threads once the other lane has finished
     work: str = "runs/embedded"  # checkpoints and the log (not shipped)
-    pipeline_out: str = "assets/tiny-shapes"  # the shipped diffusers pipeline
-    evaluators_out: str = "assets/evaluators"  # the shipped evaluator networks
+    pipeline_out: str = "dq/data/tiny-shapes"  # the shipped diffusers pipeline (package data)
+    evaluators_out: str = "dq/data/evaluators"  # the shipped evaluator networks (package data)
     n_images: int = 60_000  # training images drawn once from the world's train split
     # VAE
     vae_channels: tuple[int, ...] = (16, 32, 64)  # 3 levels: x4 downsampling, 32 -> 8

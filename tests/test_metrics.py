@@ -11,8 +11,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dq.assets  # noqa: E402
-from dq import metrics  # noqa: E402
-from pipelines import world  # noqa: E402
+from dq import metrics, world  # noqa: E402
 
 
 @pytest.fixture(scope="module")

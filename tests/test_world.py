@@ -1,15 +1,11 @@
 """The procedural world: determinism, captions that parse back, a disjoint held-out split."""
 
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines import world  # noqa: E402
+from dq import world
 
 
 def test_sample_is_deterministic():
