@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from dq import recipes
+
 
 @dataclass
 class Settings:
@@ -50,14 +52,8 @@ class Settings:
     seed: int = 0
 
 
-# --- the SD 1.5 / SD-Turbo UNet, built offline from its published config -------------------
-SD15_UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
+# --- the SD 1.5 UNet, built offline from its published config (written out once, in dq.recipes)
+SD15_UNET_CONFIG = recipes.get("sd15").unet_config
 
 
 def build_model(name: str, s: Settings):

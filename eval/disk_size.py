@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from dq import recipes
+
 
 @dataclass
 class Settings:
@@ -49,31 +51,9 @@ class Settings:
     fast_scales: bool = True  # min-max scales, not the presets' MSE search: same bytes, faster
 
 
-# Published configs of runwayml/stable-diffusion-v1-5 (unet/, vae/, text_encoder/ config.json).
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=(
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-    act_fn="silu",
-    center_input_sample=False,
-    downsample_padding=1,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    mid_block_scale_factor=1,
-    norm_eps=1e-5,
-)
+# Published configs of runwayml/stable-diffusion-v1-5 (unet/, vae/, text_encoder/ config.json);
+# the UNet's is written out once, in dq.recipes.
+SD15_UNET = recipes.get("sd15").unet_config
 SD15_VAE = dict(
     in_channels=3,
     out_channels=3,
