@@ -11,19 +11,29 @@ from dq import formats  # noqa: E402
 from dq import kernels as kernels  # noqa: E402  (registers the torch.ops.dq operators)
 from dq.api import apply_plan, quantizable_layers, quantize, quantize_model, resolve_plan  # noqa: E402
 from dq.config import PRESETS, LayerSpec, QuantConfig  # noqa: E402
+from dq.generate import Sampling, generate  # noqa: E402
+from dq.quant import QWeight, quantize_weight  # noqa: E402
+from dq.simulate import fake_quantized  # noqa: E402
+from dq.storage import spec_nbytes  # noqa: E402
 from dq.serialization import load, save_pretrained  # noqa: E402  (registers the "dq" quantizer with diffusers)
 
 __all__ = [
     "PRESETS",
     "LayerSpec",
+    "QWeight",
     "QuantConfig",
+    "Sampling",
     "apply_plan",
+    "fake_quantized",
     "formats",
+    "generate",
     "kernels",
     "load",
     "quantizable_layers",
     "quantize",
     "quantize_model",
+    "quantize_weight",
     "resolve_plan",
     "save_pretrained",
+    "spec_nbytes",
 ]

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from dq.config import LayerSpec, QuantConfig
-from dq.modules import QuantizedLayerMixin, check_spec_fits, quantized_module_for, resolve_spec
+from dq.generate import Sampling, check_prompts, generate
+from dq.modules import QuantizedLayerMixin, check_spec_fits, quantized_module_for
+from dq.quant import QWeight
+from dq.storage import resolve_spec
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +81,10 @@ def apply_plan(
     unet: nn.Module,
     plan: dict[str, LayerSpec | None],
     act_ranges: dict[str, tuple[float, float]] | None = None,
-    weights: dict[str, torch.Tensor] | None = None,
+    qweights: dict[str, QWeight] | None = None,
     bos: torch.Tensor | None = None,
     bos_layers: Sequence[str] = (),
+    progress: bool = False,
 ) -> nn.Module:
     """Replace every layer the plan quantizes by its quantized module, in place.
 
@@ -86,22 +92,27 @@ def apply_plan(
         unet: the float UNet.
         plan: name -> LayerSpec (None keeps the layer in float), e.g. from `resolve_plan`.
         act_ranges: name -> calibrated (min, max) input range, for specs with activations.
-        weights: name -> replacement float weight (e.g. learned rounding results).
+        qweights: name -> grid values to store as they are (e.g. learned rounding results);
+            other layers are rounded to nearest.
         bos: [D] the BOS token's text embedding; with `bos_layers`, those cross-attention
             key/value layers keep token 0 in full precision (see `QLinear.enable_bos`).
         bos_layers: layer names to make BOS-aware (ignored when `bos` is None).
+        progress: a progress bar over layers.
     """
     act_ranges = act_ranges or {}
-    weights = weights or {}
+    qweights = qweights or {}
     bos_set = set(bos_layers) if bos is not None else set()
-    for name, spec in plan.items():
-        if spec is None:
-            continue
+    todo = [(n, s) for n, s in plan.items() if s is not None]
+    for name, spec in tqdm(todo, desc="dq weights", disable=not progress, unit="layer"):
         module = unet.get_submodule(name)
         cls = quantized_module_for(module)
         if cls is None:
             raise ValueError(f"layer {name!r} ({type(module).__name__}) cannot be quantized")
-        q = cls.from_float(module, spec, act_range=act_ranges.get(name), weight=weights.get(name))
+        qw = qweights.get(name)
+        if qw is None:
+            q = cls.from_float(module, spec, act_range=act_ranges.get(name))
+        else:
+            q = cls.from_qweight(module, qw, spec, act_range=act_ranges.get(name))
         if name in bos_set:
             q.enable_bos(module, bos)
         _set_submodule(unet, name, q)
@@ -167,15 +178,73 @@ class _TokenRange:
         return {n: (self._lo[n], self._hi[n]) for n in self._lo}
 
 
+ROUNDINGS = ("nearest",)  # "learned" arrives with dq.rounding
+
+
+def _check_rounding(rounding: str) -> None:
+    if rounding not in ROUNDINGS:
+        if rounding == "learned":
+            raise ValueError(
+                "rounding='learned' is not available in this version of dq; use "
+                "rounding='nearest' (the default)"
+            )
+        raise ValueError(f"rounding={rounding!r} is not valid; use one of {ROUNDINGS}")
+
+
+def _calibrate_and_apply(
+    unet: nn.Module,
+    cfg: QuantConfig,
+    run: Callable[[], Any] | None,
+    *,
+    missing_run: str,
+    rounding: str,
+    progress: bool,
+) -> nn.Module:
+    """The one quantization path: resolve the plan, calibrate with `run()` (hooks on `unet`
+    while it runs) where activations need ranges, quantize every layer, record the plan."""
+    _check_rounding(rounding)
+    if any(isinstance(m, QuantizedLayerMixin) for m in unet.modules()):
+        raise ValueError(
+            "this model is already quantized; load the float model again to quantize it with "
+            "another config"
+        )
+    plan = resolve_plan(unet, cfg)
+    act_ranges: dict[str, tuple[float, float]] = {}
+    bos, bos_layers = None, []
+    if any(s is not None and s.act is not None for s in plan.values()):
+        if run is None:
+            raise ValueError(f"config {cfg.name!r} quantizes activations and needs calibration: {missing_run}")
+        from dq.capture import Capture, CaptureSettings
+
+        bos_layers = bos_candidates(plan) if cfg.bos_aware else []
+        # ranges and text embeddings only: no reservoir rows, no stored UNet calls
+        settings = CaptureSettings(max_bytes=0, max_samples_per_layer=0, max_unet_calls=0)
+        with _TokenRange(unet, bos_layers) as tail_ranges, Capture(unet, settings) as cap:
+            run()
+        record = cap.record
+        act_ranges = _act_ranges(record, plan)
+        if bos_layers:
+            bos = prompt_independent_bos(record)
+            if bos is None:
+                logger.warning(
+                    "dq: token 0 of the text embedding differs between prompts (not a causal "
+                    "encoder?); BOS-aware quantization is off for this pipeline"
+                )
+            else:
+                act_ranges.update(tail_ranges.ranges())
+    apply_plan(unet, plan, act_ranges, bos=bos, bos_layers=bos_layers, progress=progress)
+    _register_config(unet, _resolved_config(cfg, plan))
+    return unet
+
+
 def quantize(
     pipe: Any,
     config: str | QuantConfig = "w8a8",
     calib_prompts: Sequence[str] | None = None,
     *,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
+    calibration: Sampling | Mapping[str, Any] | None = None,
+    rounding: str = "nearest",
     progress: bool = True,
-    **call_kwargs: Any,
 ) -> Any:
     """Quantize a diffusers pipeline's UNet in place and return the pipeline.
 
@@ -187,70 +256,53 @@ def quantize(
         pipe: a diffusers pipeline with a `unet` (StableDiffusionPipeline, SDXL, ...).
         config: a preset name ("w8a8", "w4a16", "w4a8", "w8a16", "fp8", "fp4") or a QuantConfig.
         calib_prompts: prompts for calibration (required when activations are quantized).
-        num_inference_steps, guidance_scale: passed to the pipeline during calibration
-            (defaults: the pipeline's own).
+        calibration: the calibration run's pipeline arguments (`dq.Sampling` or a dict of its
+            fields: num_inference_steps, guidance_scale, height, width, batch_size, seed,
+            extra); unset fields keep the pipeline's defaults.
+        rounding: "nearest" (round to nearest on the searched scales).
         progress: show progress bars.
-        **call_kwargs: more arguments for the calibration calls (height, width, ...).
 
     Example:
-        >>> pipe = dq.quantize(pipe, "w8a8", calib_prompts=["a red circle", "a blue square"])
+        >>> pipe = dq.quantize(pipe, "w8a8", calib_prompts=["a red circle", "a blue square"],
+        ...                    calibration={"num_inference_steps": 20})
         >>> image = pipe("a green triangle").images[0]
     """
     unet = _check_pipe(pipe)
     cfg = _as_config(config)
+    sampling = _as_sampling(calibration)
     if calib_prompts is not None:
-        if isinstance(calib_prompts, str):
-            calib_prompts = [calib_prompts]
-        calib_prompts = list(calib_prompts)
-        if not calib_prompts or not all(isinstance(p, str) for p in calib_prompts):
-            raise ValueError(
-                "calib_prompts must be a non-empty list of strings; pass e.g. 16-64 prompts like "
-                "the ones the pipeline will serve"
-            )
-    if any(isinstance(m, QuantizedLayerMixin) for m in unet.modules()):
-        raise ValueError(
-            "this pipeline's UNet is already quantized; load the float pipeline again to "
-            "quantize it with another config"
-        )
-    plan = resolve_plan(unet, cfg)
-    act_ranges: dict[str, tuple[float, float]] = {}
-    bos, bos_layers = None, []
-    needs_act = any(s is not None and s.act is not None for s in plan.values())
-    if needs_act:
-        if calib_prompts is None:
-            raise ValueError(
-                f"config {cfg.name!r} quantizes activations and needs calibration: pass "
-                "calib_prompts=[...] (16-64 prompts like the ones the pipeline will serve)"
-            )
-        from dq.capture import capture
-
-        kwargs = dict(call_kwargs)
-        if num_inference_steps is not None:
-            kwargs["num_inference_steps"] = num_inference_steps
-        if guidance_scale is not None:
-            kwargs["guidance_scale"] = guidance_scale
-        bos_layers = bos_candidates(plan) if cfg.bos_aware else []
-        # ranges only: no reservoir rows, no stored UNet calls
-        with _TokenRange(unet, bos_layers) as tail_ranges:
-            record = capture(
-                pipe, calib_prompts, max_samples_per_layer=0, max_bytes=0, max_unet_calls=0,
-                progress=progress, **kwargs,
-            )
-        act_ranges = _act_ranges(record, plan)
-        if bos_layers:
-            bos = prompt_independent_bos(record)
-            if bos is None:
-                logger.warning(
-                    "dq: token 0 of the text embedding differs between prompts (not a causal "
-                    "encoder?); BOS-aware quantization is off for this pipeline"
-                )
-            else:
-                act_ranges.update(tail_ranges.ranges())
-    apply_plan(unet, plan, act_ranges, bos=bos, bos_layers=bos_layers)
-    _register_config(unet, _resolved_config(cfg, plan))
+        calib_prompts = check_prompts(calib_prompts, "calib_prompts")
+    run = None
+    if calib_prompts is not None:
+        def run():
+            return generate(pipe, calib_prompts, sampling, output_type="latent",
+                            progress=progress, desc="dq calibration")
+    _calibrate_and_apply(
+        unet, cfg, run, rounding=rounding, progress=progress,
+        missing_run="pass calib_prompts=[...] (16-64 prompts like the ones the pipeline will serve)",
+    )
     from dq.serialization import bind_atomic_save
 
     return bind_atomic_save(pipe)  # pipe.save_pretrained now writes atomically
+
+
+def _as_sampling(calibration: Sampling | Mapping[str, Any] | None) -> Sampling:
+    if calibration is None:
+        return Sampling(batch_size=1)
+    if isinstance(calibration, Sampling):
+        return calibration
+    if isinstance(calibration, Mapping):
+        known = {f.name for f in dataclasses.fields(Sampling)}
+        unknown = sorted(set(calibration) - known)
+        if unknown:
+            raise ValueError(
+                f"calibration has unknown keys {unknown}; use {sorted(known)} (other pipeline "
+                "arguments go in 'extra')"
+            )
+        return Sampling(**{"batch_size": 1, **calibration})
+    raise ValueError(
+        f"calibration must be a dq.Sampling or a dict of its fields, got {type(calibration).__name__}"
+    )
 
 
 def _act_ranges(record, plan: dict[str, LayerSpec | None]) -> dict[str, tuple[float, float]]:
@@ -275,7 +327,8 @@ def quantize_model(
     config: str | QuantConfig = "w8a8",
     calibrate: Callable[[nn.Module], None] | None = None,
     *,
-    progress: bool = True,
+    rounding: str = "nearest",
+    progress: bool = False,
 ) -> nn.Module:
     """Quantize a bare UNet (no pipeline) in place and return it.
 
@@ -284,31 +337,18 @@ def quantize_model(
         config: preset name or QuantConfig.
         calibrate: `calibrate(unet)` runs forwards on representative inputs; hooks record the
             activation ranges meanwhile. Required when the config quantizes activations.
-        progress: unused for bare models (kept for symmetry with `quantize`).
+        rounding: as in `quantize`.
+        progress: a progress bar over layers while weights are quantized.
 
     Example:
         >>> dq.quantize_model(unet, "w8a8", calibrate=lambda m: m(x, t, ctx))
     """
     cfg = _as_config(config)
-    if any(isinstance(m, QuantizedLayerMixin) for m in unet.modules()):
-        raise ValueError("this model is already quantized; start again from the float model")
-    plan = resolve_plan(unet, cfg)
-    act_ranges: dict[str, tuple[float, float]] = {}
-    if any(s is not None and s.act is not None for s in plan.values()):
-        if calibrate is None:
-            raise ValueError(
-                f"config {cfg.name!r} quantizes activations: pass calibrate=fn where fn(unet) "
-                "runs the model on representative inputs"
-            )
-        from dq.capture import Capture, CaptureSettings
-
-        settings = CaptureSettings(max_bytes=0, max_samples_per_layer=0, max_unet_calls=0)
-        with Capture(unet, settings) as cap:
-            calibrate(unet)
-        act_ranges = _act_ranges(cap.record, plan)
-    apply_plan(unet, plan, act_ranges)
-    _register_config(unet, _resolved_config(cfg, plan))
-    return unet
+    run = None if calibrate is None else (lambda: calibrate(unet))
+    return _calibrate_and_apply(
+        unet, cfg, run, rounding=rounding, progress=progress,
+        missing_run="pass calibrate=fn where fn(unet) runs the model on representative inputs",
+    )
 
 
 def _register_config(unet: nn.Module, cfg: QuantConfig) -> None:

@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from tqdm.auto import tqdm
 
 __all__ = [
     "CalibrationRecord",
@@ -845,8 +844,8 @@ def capture(
 ) -> CalibrationRecord:
     """Run a diffusers pipeline's own ``__call__`` over prompts with capture hooks on its UNet.
 
-    Batch ``i`` uses ``generator=torch.Generator().manual_seed(seed + i)``; the pipeline's own
-    progress bar is hidden while one bar over prompt batches is shown. ``output_type`` defaults
+    The pipeline runs through `dq.generate.generate` (prompt ``i`` draws its noise with seed
+    ``seed + i``); its own progress bar is hidden while one bar over prompts is shown. ``output_type`` defaults
     to ``"latent"`` (the VAE decode adds nothing to the UNet's statistics).
 
     Args:
@@ -879,25 +878,20 @@ def capture(
             "module: pass a diffusers text-to-image pipeline with a UNet (e.g. "
             "StableDiffusionPipeline or StableDiffusionXLPipeline)"
         )
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts) if isinstance(prompts, Iterable) else prompts
-    if not isinstance(prompts, list) or not prompts:
-        raise ValueError(
-            "capture() needs at least one calibration prompt, e.g. ['a red circle']; got "
-            f"{prompts!r}"
-        )
-    if not all(isinstance(p, str) for p in prompts):
-        bad = next(p for p in prompts if not isinstance(p, str))
-        raise ValueError(f"every prompt must be a str; got {type(bad).__name__}: {bad!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    from dq.generate import Sampling, check_prompts, generate
+
+    prompts = check_prompts(prompts, "capture() prompts")
     for reserved in ("prompt", "generator"):
         if reserved in call_kwargs:
             raise ValueError(
                 f"{reserved}= is set by capture(); pass prompts as `prompts` and the noise seed "
                 "as `seed`"
             )
+    output_type = call_kwargs.pop("output_type", "latent")
+    sampling = Sampling.from_kwargs(
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        batch_size=batch_size, seed=seed, **call_kwargs,
+    )
     settings = CaptureSettings(
         layer_types=tuple(layer_types),
         ema_momentum=ema_momentum,
@@ -906,26 +900,6 @@ def capture(
         max_unet_calls=max_unet_calls,
         seed=seed,
     )
-    call_kwargs.setdefault("output_type", "latent")
-    if num_inference_steps is not None:
-        call_kwargs["num_inference_steps"] = num_inference_steps
-    if guidance_scale is not None:
-        call_kwargs["guidance_scale"] = guidance_scale
-    device = getattr(pipe, "device", torch.device("cpu"))
-    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-
-    had_config = hasattr(pipe, "_progress_bar_config")
-    old_config = getattr(pipe, "_progress_bar_config", None)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(**{**(old_config or {}), "disable": True})
-    try:
-        with Capture(unet, settings) as cap:
-            for i, batch in enumerate(tqdm(batches, desc="dq capture", disable=not progress)):
-                generator = torch.Generator(device=device).manual_seed(seed + i)
-                pipe(prompt=batch, generator=generator, **call_kwargs)
-    finally:
-        if had_config:
-            pipe._progress_bar_config = old_config
-        elif hasattr(pipe, "_progress_bar_config"):
-            del pipe._progress_bar_config
+    with Capture(unet, settings) as cap:
+        generate(pipe, prompts, sampling, output_type=output_type, progress=progress, desc="dq capture")
     return cap.record

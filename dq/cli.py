@@ -52,10 +52,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args.prompts)
     pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=torch.float32)
     config = dq.QuantConfig.from_json(Path(args.config).read_text()) if args.config.endswith(".json") else args.config
-    kwargs = {}
-    if args.steps is not None:
-        kwargs["num_inference_steps"] = args.steps
-    dq.quantize(pipe, config, calib_prompts=prompts, **kwargs)
+    dq.quantize(pipe, config, calib_prompts=prompts, calibration={"num_inference_steps": args.steps})
     pipe.save_pretrained(args.out)
     print(f"dq: saved quantized pipeline to {args.out}")
     return 0

@@ -23,11 +23,13 @@ from typing import Any
 
 from dq import formats
 
-CONFIG_VERSION = 1  # bump when the JSON layout changes; loaders refuse newer versions
+# bump when the JSON layout changes; loaders refuse newer versions.
+# 2: plans carry each format's definition ("formats"); `rounding` left LayerSpec (a procedure
+#    setting of dq.quantize). Version 1 plans still load.
+CONFIG_VERSION = 2
 
 _GRANULARITY_RE = re.compile(r"^(tensor|channel|group(\d+))$")
 _SCALE_METHODS = ("minmax", "percentile", "mse")
-_ROUNDINGS = ("nearest", "learned")
 
 
 def _known_formats() -> list[str]:
@@ -39,14 +41,16 @@ class LayerSpec:
     """How one layer is quantized.
 
     Args:
-        weight: weight format name (see `dq.formats.names()`).
+        weight: weight format name (see `dq.formats.names()`), or a format object (e.g. from
+            `FPFormat.with_bias`), which is registered under its name.
         weight_granularity: "tensor", "channel" (per output channel) or "group<N>" (groups of N
             input elements per output channel).
         weight_method: scale search for weights: "minmax", "percentile" or "mse".
-        act: activation format name, or None for weight-only quantization.
+        act: activation format name (or format object), or None for weight-only
+            quantization. uint8 / int8 run on the integer engines; other INT and FP formats
+            (e.g. "uint4", "fp8_e4m3") are simulated on the reference path.
         act_granularity: only "tensor" is supported for activations (static, calibrated).
         act_symmetric: symmetric activation range (zero point 0); default asymmetric.
-        rounding: "nearest" or "learned" (AdaRound-style, needs calibration samples).
         pair_limit: signed INT weights per channel only: cap on |code[n, 2j]| +
             |code[n, 2j + 1]| over adjacent input channels (at each kernel tap). AVX2 CPUs
             without VNNI add u8 x s8 products in such pairs into saturating int16, so with 128
@@ -60,10 +64,13 @@ class LayerSpec:
     act: str | None = None
     act_granularity: str = "tensor"
     act_symmetric: bool = False
-    rounding: str = "nearest"
     pair_limit: int | None = None
 
     def __post_init__(self) -> None:
+        for attr in ("weight", "act"):
+            value = getattr(self, attr)
+            if isinstance(value, formats.IntFormat | formats.FPFormat):
+                object.__setattr__(self, attr, formats.register(value).name)
         known = _known_formats()
         if self.weight not in known:
             raise ValueError(
@@ -86,8 +93,6 @@ class LayerSpec:
             raise ValueError(
                 f"weight_method {self.weight_method!r} is not valid; use one of {_SCALE_METHODS}"
             )
-        if self.rounding not in _ROUNDINGS:
-            raise ValueError(f"rounding {self.rounding!r} is not valid; use one of {_ROUNDINGS}")
         if self.pair_limit is not None:
             fmt = formats.get(self.weight)
             if fmt.kind != "int" or not fmt.signed:
@@ -126,6 +131,9 @@ class LayerSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerSpec:
         names = {f.name for f in fields(cls)}
+        d = dict(d)
+        if d.get("rounding", "nearest") == "nearest":  # version-1 plans always said "nearest"
+            d.pop("rounding", None)
         unknown = set(d) - names
         if unknown:
             raise ValueError(
@@ -192,10 +200,10 @@ class QuantConfig:
         specs = [self.default, *self.layers.values()]
         return any(s is not None and s.act is not None for s in specs)
 
-    @property
-    def needs_samples(self) -> bool:
-        specs = [self.default, *self.layers.values()]
-        return any(s is not None and s.rounding == "learned" for s in specs)
+    def format_names(self) -> list[str]:
+        """Every weight and activation format the config uses, sorted."""
+        specs = [s for s in (self.default, *self.layers.values()) if s is not None]
+        return sorted({n for s in specs for n in (s.weight, s.act) if n is not None})
 
     def with_plan(self, plan: dict[str, LayerSpec | None]) -> QuantConfig:
         return replace(self, layers=dict(plan))
@@ -210,6 +218,8 @@ class QuantConfig:
             "skip": list(self.skip),
             "components": list(self.components),
             "bos_aware": self.bos_aware,
+            # each format's definition, so custom or bias-shifted formats load anywhere
+            "formats": {n: formats.to_dict(formats.get(n)) for n in self.format_names()},
         }
 
     @classmethod
@@ -222,10 +232,11 @@ class QuantConfig:
                 f"this quantization config has version {version}, newer than this dq "
                 f"understands ({CONFIG_VERSION}); upgrade dq (pip install -U dq)"
             )
-        known = {"version", "name", "default", "layers", "skip", "components", "bos_aware"}
+        known = {"version", "name", "default", "layers", "skip", "components", "bos_aware", "formats"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown QuantConfig keys {sorted(unknown)}; valid: {sorted(known)}")
+        _register_formats(d.get("formats", {}))
         default = d.get("default")
         return cls(
             default=None if default is None else LayerSpec.from_dict(default),
@@ -237,7 +248,7 @@ class QuantConfig:
             components=tuple(d.get("components", ("unet",))),
             bos_aware=bool(d.get("bos_aware", True)),
             name=str(d.get("name", "custom")),
-            version=version,
+            version=CONFIG_VERSION,  # older layouts are upgraded on reading
         )
 
     def to_json(self) -> str:
@@ -257,6 +268,26 @@ class QuantConfig:
             )
         default, doc = PRESETS[key]
         return cls(default=default, name=key)
+
+
+def _register_formats(defs: Any) -> None:
+    """Register the format definitions a plan carries; a name already registered with another
+    definition is refused (the plan would silently mean something else)."""
+    if not isinstance(defs, dict):
+        raise ValueError(f"'formats' must map format names to definitions, got {type(defs).__name__}")
+    for name, d in defs.items():
+        try:
+            fmt = formats.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"format {name!r} in the plan has an invalid definition {d!r}: {e}") from None
+        if fmt.name != name:
+            raise ValueError(f"format entry {name!r} defines a format named {fmt.name!r}")
+        if name in formats.names() and formats.get(name) != fmt:
+            raise ValueError(
+                f"the plan defines format {name!r} as {fmt}, but this process already has "
+                f"{formats.get(name)} under that name; rename one of them"
+            )
+        formats.register(fmt)
 
 
 # name -> (default LayerSpec, one-line description)

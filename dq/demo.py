@@ -120,7 +120,7 @@ def run_demo(settings: DemoSettings) -> dict:
         config = dq.QuantConfig.from_json(Path(config).read_text())
     t0 = time.perf_counter()
     calib_call = {k: v for k, v in call.items() if k in ("num_inference_steps", "guidance_scale", "height", "width")}
-    dq.quantize(pipe, config, calib_prompts=calib, progress=False, **calib_call)
+    dq.quantize(pipe, config, calib_prompts=calib, progress=False, calibration=calib_call)
     quant_seconds = time.perf_counter() - t0
     q_res, q_images = evaluate(reference=fp_images)
     q_latency = _unet_latency(pipe.unet, pipe)  # also fills the CPU engine's prepack cache

@@ -252,7 +252,6 @@ def feature_distance_vs_reference(
 # ---------------------------------------------------------------------------- pipelines
 
 
-@torch.no_grad()
 def generate(
     pipe,
     prompts: Sequence[str],
@@ -260,22 +259,12 @@ def generate(
     batch_size: int = 50,
     **call_kwargs,
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] for `prompts`; image i uses generator seed `seed + i`.
+    """Images (N, 3, H, W) in [0, 1] for `prompts` through `dq.generate.generate` (image i uses
+    generator seed `seed + i`); `call_kwargs` are pipeline arguments (num_inference_steps,
+    guidance_scale, ...)."""
+    from dq.generate import Sampling, generate as run
 
-    Args:
-        pipe: a diffusers text-to-image pipeline.
-        prompts: the prompts.
-        seed: base seed; fixed seeds make FP and quantized images comparable.
-        batch_size: prompts per pipeline call.
-        **call_kwargs: forwarded to the pipeline (num_inference_steps, guidance_scale, ...).
-    """
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = list(prompts[i : i + batch_size])
-        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        res = pipe(chunk, generator=gens, output_type="pt", **call_kwargs)
-        out.append(res.images.float().cpu())
-    return torch.cat(out)
+    return run(pipe, prompts, Sampling.from_kwargs(seed=seed, batch_size=batch_size, **call_kwargs))
 
 
 def evaluate_pipeline(

@@ -2,39 +2,65 @@
 
 One vocabulary for every format (style.md §5): a quantized layer holds
 
-- `qdata`: the weight codes in their storage dtype: `int8` (INT ≤ 8 bits, one code per byte),
-  `uint8` with two 4-bit codes per byte (any ≤ 4-bit format, low nibble first, laid out on the
-  flattened `[out, in * kh * kw]` weight), `float8_e4m3fn` / `float8_e5m2`, or `uint8` bit patterns
-  one per byte (5–7-bit FP formats);
+- `qdata`: the weight codes in their storage dtype (`dq.storage`: int8 / uint8 values, two
+  4-bit codes per byte, float8, or one FP bit pattern per byte), laid out on the flattened
+  `[out, in * kh * kw]` weight;
 - `scale` (float32, `[out]` per channel or `[out, groups]` per group) and, for asymmetric INT
   weights, `zero_point`;
 - for quantized activations: `input_scale` and `input_zero_point` (0-dim, calibrated);
 - `bias` in float.
 
-`from_float` builds one from a float layer and a `LayerSpec`; `dequantize()` returns the float
-weight the codes stand for; `forward` calls the `torch.ops.dq` kernels, which pick their
+`from_qweight` builds one from a float layer and a `dq.quant.QWeight` (the values are stored as
+given, never re-rounded); `from_float` is `from_qweight(quantize_weight(...))`. `qweight()` and
+`dequantize()` invert it. `forward` calls the `torch.ops.dq` kernels, which pick their
 implementation from the backend setting in `dq.kernels` (never a patched forward).
+
+Activations: per-tensor uint8 (asymmetric) and int8 (symmetric) activations run on the integer
+W8A8 engines for every weight format whose grid is integers once scaled by one power of two:
+signed INT up to 8 bits, and FP formats whose largest value is at most 127 of their smallest
+step (FP4 E2M1 x 2, FP6 E2M3 x 8, FP4 E3M0 x 4, ...). Every other pair (unsigned or FP8
+weights, 4-bit or FP8 activations) runs on the reference path: the activation is rounded onto
+its grid (`dq.quant.fake_quantize_act`) and the weight-only kernel multiplies it.
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dq import formats, quant
+from dq import formats, quant, storage
 from dq.config import LayerSpec
+from dq.quant import QWeight
+from dq.storage import resolve_spec  # noqa: F401  (re-exported: the plan resolver uses it)
 
 # Activation formats the W8A8 engines execute: per-tensor uint8 asymmetric (FBGEMM/oneDNN style)
 # and int8 symmetric (mapped onto the same engine with zero point 128 shifted in).
-_ENGINE_ACT_FORMATS = ("uint8", "int8")
+ENGINE_ACT_FORMATS = ("uint8", "int8")
+_SYMMETRIC_ENGINE_ZP = 128  # q_u8 = q_s8 + 128
+
+# kept for callers of the old name
+pair_limited_codes = quant.pair_limited_values
 
 
 def weight_2d(w: torch.Tensor) -> torch.Tensor:
     """[out, in, *k] -> [out, in * prod(k)] (the layout codes and scales are defined on)."""
     return w.reshape(w.shape[0], -1)
+
+
+def engine_step(fmt) -> float | None:
+    """The power of two that turns every grid value of `fmt` into an int8 code, when the
+    W8A8 engines can run it (signed INT: 1; FP with max / smallest step <= 127), else None."""
+    fmt = formats.get(fmt)
+    if fmt.kind == "int":
+        return 1.0 if fmt.signed else None
+    step = fmt.min_subnormal
+    return step if fmt.max / step <= 127 else None
+
+
+def runs_on_engine(spec: LayerSpec) -> bool:
+    """Whether a spec with quantized activations runs on the integer W8A8 engines."""
+    return spec.act in ENGINE_ACT_FORMATS and engine_step(spec.weight) is not None
 
 
 def check_spec_fits(spec: LayerSpec, weight_shape: torch.Size | tuple[int, ...], name: str = "") -> None:
@@ -52,164 +78,67 @@ def check_spec_fits(spec: LayerSpec, weight_shape: torch.Size | tuple[int, ...],
             f"4-bit codes are packed two per byte but the layer has an odd number ({k}) of "
             f"inputs per output channel{where}; use an 8-bit format for this layer"
         )
-    if spec.act is not None:
-        if spec.act not in _ENGINE_ACT_FORMATS:
-            raise ValueError(
-                f"activation format {spec.act!r}{where} has no kernel; use one of "
-                f"{_ENGINE_ACT_FORMATS} or act=None (weight-only)"
-            )
-        if fmt.kind != "int" or not fmt.signed or spec.group_size:
-            raise ValueError(
-                f"quantized activations{where} need INT weights with per-channel or per-tensor "
-                f"scales, got {spec.weight} / {spec.weight_granularity}; use e.g. "
-                "LayerSpec('int8', 'channel', act='uint8') or act=None"
-            )
 
 
-def resolve_spec(spec: LayerSpec, weight_shape: torch.Size | tuple[int, ...]) -> LayerSpec:
-    """Adapt a spec to a layer's shape: a group size that does not divide the layer's inputs
-    falls back to per-channel scales (recorded in the plan, so save/load is exact)."""
-    k = int(torch.Size(weight_shape)[1:].numel())
-    if spec.group_size and k % spec.group_size:
-        spec = replace(spec, weight_granularity="channel")
-    return spec
+def _act_buffers(spec: LayerSpec, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_scale, input_zero_point) as stored: engine formats in the uint8 engine's terms
+    (int8 symmetric -> zero point 128), other formats with zero point 0 when symmetric."""
+    s, zp = quant.act_params(spec.act, lo, hi, symmetric=spec.act_symmetric)
+    if zp is None:
+        zp = torch.tensor(_SYMMETRIC_ENGINE_ZP if runs_on_engine(spec) else 0, dtype=torch.int32)
+    elif runs_on_engine(spec) and spec.act_symmetric:
+        zp = torch.tensor(_SYMMETRIC_ENGINE_ZP, dtype=torch.int32)
+    return s.float(), zp.to(torch.int32)
 
 
-def _act_qparams(spec: LayerSpec, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor uint8 activation parameters from a calibrated range [lo, hi]."""
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    if spec.act == "int8" or spec.act_symmetric:
-        amax = max(abs(lo), abs(hi), 1e-8)
-        scale = amax / 127.0
-        zp = 128  # symmetric int8 expressed on the uint8 engine: q_u8 = q_s8 + 128
-    else:
-        scale = max(hi - lo, 1e-8) / 255.0
-        zp = int(min(max(round(-lo / scale), 0), 255))
-    return torch.tensor(scale, dtype=torch.float32), torch.tensor(zp, dtype=torch.int32)
+def act_is_symmetric(spec: LayerSpec) -> bool:
+    """Whether the activation grid of `spec` has no zero point (signed INT, FP, symmetric)."""
+    fmt = formats.get(spec.act)
+    return spec.act_symmetric or fmt.kind == "fp" or fmt.signed
 
 
-def encode_weight(w: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
-    """Quantize a float weight to codes + scales as stored in a quantized layer.
-
-    Args:
-        w: float weight [out, in, *k].
-        spec: the layer's settings (already resolved for the shape).
-    Returns:
-        {"qdata": codes, "scale": f32 [out] or [out, groups], "zero_point"?: f32}
-    """
-    fmt = formats.get(spec.weight)
-    gran = quant.parse_granularity(spec.weight_granularity)
-    wf = w.detach().float()
-    w2 = weight_2d(wf)  # [O, K]
-    symmetric = not weight_has_zero_point(fmt)
-    scale, zp = quant.compute_qparams(w2, fmt, gran, method=spec.weight_method, symmetric=symmetric)
-    if spec.pair_limit is not None:  # signed INT per channel (checked by LayerSpec)
-        scale, q = pair_limited_codes(wf, scale, fmt.qmax, spec.pair_limit)
-    else:
-        q = quant.quantize(w2, fmt, scale, zp, gran)  # grid values, [O, K]
-    out = {"qdata": pack_codes(q, fmt), "scale": _flat_scale(scale, w2.shape[0])}
-    if zp is not None:
-        out["zero_point"] = _flat_scale(zp.float(), w2.shape[0])
-    return out
+def simulated_act(spec: LayerSpec, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """The activation a layer with quantized inputs multiplies, in fp32 (the one rounding rule
+    of modules, simulation and kernel references)."""
+    if runs_on_engine(spec):  # uint8 engine codes; zero point 128 for symmetric int8
+        return quant.fake_quantize_act(x, "uint8", scale, zero_point)
+    fmt = formats.get(spec.act)
+    if act_is_symmetric(spec) and fmt.kind == "int" and not fmt.signed:
+        fmt = formats.get(f"int{fmt.bits}")
+    return quant.fake_quantize_act(x, fmt, scale, None if act_is_symmetric(spec) else zero_point)
 
 
-def pair_limited_codes(
-    w: torch.Tensor, scale: torch.Tensor, qmax: int, limit: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-channel INT codes with |q[n, 2j]| + |q[n, 2j + 1]| <= limit for every
-    adjacent input-channel pair (at each kernel tap of a convolution).
-
-    Each channel's scale grows to max(scale, P / limit), P its largest |w[2j]| + |w[2j + 1]|,
-    so unrounded pairs fit; where rounding both up overshoots by one, the weight that rounded
-    up further is rounded down instead. Nothing clips (P >= max |w|). Cost against plain int8
-    (eval/pair_limit_sqnr.py): 3.7 dB of weight SQNR on the embedded UNet (7-bit weights:
-    6.0 dB), 1.6-3 dB on normal or Laplace weights; on uniform weights no better than 7-bit.
-
-    Args:
-        w: float weight [O, I, *k]; scale: [O] or [O, 1], positive.
-    Returns:
-        (scale shaped as given, codes [O, K] float in w's flattened order)
-    """
-    o, i = w.shape[0], w.shape[1]
-    s = torch.maximum(scale.reshape(o).float(), quant.pair_absmax(w) / limit)
-    x = w.reshape(o, i, -1) / s.view(o, 1, 1)  # [O, I, taps]
-    if i % 2:
-        x = F.pad(x, (0, 0, 0, 1))
-    xa, xb = x[:, 0::2], x[:, 1::2]
-    qa, qb = xa.round().clamp(-qmax, qmax), xb.round().clamp(-qmax, qmax)
-    over = qa.abs() + qb.abs() > limit  # by exactly one
-    down_a = over & (qa.abs() - xa.abs() >= qb.abs() - xb.abs())
-    qa = qa - qa.sign() * down_a
-    qb = qb - qb.sign() * (over & ~down_a)
-    q = torch.stack((qa, qb), dim=2).reshape(o, -1, x.shape[2])[:, :i]  # interleave pairs
-    return s.reshape(scale.shape).to(scale.dtype), q.reshape(o, -1)
+def bos_constants(float_module: nn.Linear, bos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bos_input [in], bos_output = float_module(bos) [out]) in fp32: the BOS token's
+    full-precision key/value row, precomputed once."""
+    bos = bos.detach().float().reshape(-1)
+    if bos.numel() != float_module.in_features:
+        raise ValueError(
+            f"BOS embedding has {bos.numel()} values but the layer takes "
+            f"{float_module.in_features}; pass token 0 of the encoder_hidden_states this layer "
+            "projects"
+        )
+    with torch.no_grad():
+        w = float_module.weight.detach().float()
+        b = None if float_module.bias is None else float_module.bias.detach().float()
+        out = F.linear(bos.to(w.device), w, None if b is None else b)
+    return bos.clone().to(w.device), out
 
 
-def weight_has_zero_point(fmt) -> bool:
-    """Unsigned INT weight formats are asymmetric (a zero point per scale); all others are
-    symmetric."""
-    return fmt.kind == "int" and not fmt.signed
+def bos_forward(x: torch.Tensor, bos_in: torch.Tensor, bos_out: torch.Tensor, fn) -> torch.Tensor:
+    """A BOS-aware key/value projection: `fn` on tokens 1.. (and on token 0 where it is not
+    the BOS), the precomputed `bos_out` where token 0 equals `bos_in`.
 
-
-def _flat_scale(scale: torch.Tensor, out: int) -> torch.Tensor:
-    """Scale (or zero point) from `compute_qparams` -> [out] per channel, [out, groups] per group
-    (a per-tensor value is repeated per channel)."""
-    s = torch.as_tensor(scale, dtype=torch.float32)
-    s = s.reshape(1, 1).expand(out, 1) if s.numel() == 1 else s.reshape(out, -1)
-    return (s[:, 0] if s.shape[1] == 1 else s).contiguous()
-
-
-def pack_codes(q: torch.Tensor, fmt) -> torch.Tensor:
-    """Grid values [O, K] -> storage tensor for `fmt` (see module docstring)."""
-    storage = fmt.storage
-    if storage == "int8":
-        return q.round().to(torch.int8)
-    if storage == "uint8":
-        return q.round().to(torch.uint8)
-    if storage in ("float8_e4m3fn", "float8_e5m2"):
-        return q.to(getattr(torch, storage))
-    if storage == "packed4":
-        codes = _nibbles(q, fmt)
-        return quant.pack_int4(codes)
-    if storage == "uint8codes":
-        return fmt.encode(q).to(torch.uint8)
-    raise ValueError(f"format {fmt.name!r} has unknown storage {storage!r}")
-
-
-def _nibbles(q: torch.Tensor, fmt) -> torch.Tensor:
-    """4-bit codes 0..15: INT values offset by 8 (signed) or as-is (unsigned); FP bit patterns."""
-    if fmt.kind == "int":
-        off = 8 if fmt.signed else 0
-        return (q.round() + off).to(torch.uint8)
-    return fmt.encode(q).to(torch.uint8)
-
-
-def code_lut(fmt) -> torch.Tensor | None:
-    """16/64/128-entry float table mapping codes to values for non-byte formats, else None."""
-    if fmt.storage == "packed4" and fmt.kind == "int":
-        off = 8 if fmt.signed else 0
-        return torch.arange(16, dtype=torch.float32) - off
-    if fmt.storage in ("packed4", "uint8codes"):
-        table = fmt.decode(torch.arange(2**fmt.bits, dtype=torch.uint8))
-        if fmt.storage == "packed4" and table.numel() < 16:  # 2/3-bit codes in a 4-bit nibble
-            table = torch.cat([table, torch.zeros(16 - table.numel())])
-        return table
-    return None
-
-
-def unpack_codes(qdata: torch.Tensor, fmt, k: int) -> torch.Tensor:
-    """Storage tensor -> grid values [O, K] (float32)."""
-    storage = fmt.storage
-    if storage in ("int8", "uint8"):
-        return qdata.float()
-    if storage in ("float8_e4m3fn", "float8_e5m2"):
-        return qdata.float()
-    if storage == "packed4":
-        codes = quant.unpack_int4(qdata)[..., :k]
-        return code_lut(fmt)[codes.long()]
-    if storage == "uint8codes":
-        return code_lut(fmt)[qdata.long()]
-    raise ValueError(f"format {fmt.name!r} has unknown storage {storage!r}")
+    x [B, L, in] -> [B, L, out]; other inputs go through `fn` whole. Branch-free
+    (torch.where), so torch.compile sees no data-dependent control flow."""
+    if x.dim() != 3 or x.shape[1] < 2:
+        return fn(x)
+    rest = fn(x[:, 1:])  # [B, L-1, out]
+    head_q = fn(x[:, :1])  # [B, 1, out], used where token 0 is not BOS
+    tol = 1e-2 * bos_in.abs().amax() + 1e-6
+    is_bos = (x[:, 0].to(bos_in.dtype) - bos_in).abs().amax(dim=-1) <= tol  # [B]
+    head = torch.where(is_bos[:, None, None], bos_out.to(head_q.dtype), head_q)
+    return torch.cat([head, rest], dim=1)
 
 
 class QuantizedLayerMixin:
@@ -223,19 +152,11 @@ class QuantizedLayerMixin:
         out, k = weight_shape[0], int(torch.Size(weight_shape)[1:].numel())
         self.spec = spec
         self.weight_shape = torch.Size(weight_shape)
-        if fmt.storage == "packed4":
-            qdata = torch.zeros(out, (k + 1) // 2, dtype=torch.uint8)
-        elif fmt.storage in ("float8_e4m3fn", "float8_e5m2"):
-            qdata = torch.zeros(out, k, dtype=getattr(torch, fmt.storage))
-        elif fmt.storage == "int8":
-            qdata = torch.zeros(out, k, dtype=torch.int8)
-        else:
-            qdata = torch.zeros(out, k, dtype=torch.uint8)
         groups = k // spec.group_size if spec.group_size else 0
         pshape = (out, groups) if groups else (out,)
-        self.register_buffer("qdata", qdata)
+        self.register_buffer("qdata", storage.qdata_like(fmt, out, k))
         self.register_buffer("scale", torch.ones(pshape, dtype=torch.float32))
-        if weight_has_zero_point(fmt):
+        if quant.weight_has_zero_point(fmt):
             self.register_buffer("zero_point", torch.zeros(pshape, dtype=torch.float32))
         else:
             self.zero_point = None
@@ -245,19 +166,29 @@ class QuantizedLayerMixin:
         else:
             self.input_scale = None
             self.input_zero_point = None
-        lut = code_lut(fmt)
         # derived from the format, not saved: the plan names the format
-        self.register_buffer("lut", lut, persistent=False)
+        self.register_buffer("lut", storage.code_lut(fmt), persistent=False)
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+        self._engine_cache: tuple | None = None
 
-    def _load_from_float(
-        self, w: torch.Tensor, bias: torch.Tensor | None, act_range: tuple[float, float] | None
+    def _load_qweight(
+        self, qw: QWeight, bias: torch.Tensor | None, act_range: tuple[float, float] | None
     ) -> None:
-        enc = encode_weight(w, self.spec)
-        self.qdata.copy_(enc["qdata"])
-        self.scale.copy_(enc["scale"].reshape(self.scale.shape))
+        if qw.fmt != formats.get(self.spec.weight):
+            raise ValueError(
+                f"QWeight is in {qw.fmt.name} but the spec says {self.spec.weight}; quantize the "
+                "weight with the layer's own spec (dq.quant.quantize_weight(w, spec))"
+            )
+        if qw.shape != self.weight_shape or qw.scale.numel() != self.scale.numel():
+            raise ValueError(
+                f"QWeight of shape {list(qw.shape)} with scale {list(qw.scale.shape)} does not fit "
+                f"this layer (weight {list(self.weight_shape)}, scale {list(self.scale.shape)}); "
+                "quantize the layer's own weight with its resolved spec"
+            )
+        self.qdata.copy_(storage.pack(qw.values, qw.fmt))
+        self.scale.copy_(qw.scale.reshape(self.scale.shape))  # one group per row: [O, 1]
         if self.zero_point is not None:
-            self.zero_point.copy_(enc["zero_point"].reshape(self.zero_point.shape))
+            self.zero_point.copy_(qw.zero_point.reshape(self.zero_point.shape))
         if bias is not None:
             self.bias.data.copy_(bias.detach().float())
         if self.spec.act is not None:
@@ -267,33 +198,60 @@ class QuantizedLayerMixin:
                     "calibrated activation range; pass act_range=(min, max) or calibrate with "
                     "dq.quantize(..., calib_prompts=[...])"
                 )
-            s, z = _act_qparams(self.spec, *act_range)
+            s, z = _act_buffers(self.spec, *act_range)
             self.input_scale.copy_(s)
             self.input_zero_point.copy_(z)
 
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weight the stored codes represent, shaped like the original weight."""
+    def qweight(self) -> QWeight:
+        """The stored weight as a `QWeight` (grid values, scale, zero point)."""
         fmt = formats.get(self.spec.weight)
         k = int(self.weight_shape[1:].numel())
-        q = unpack_codes(self.qdata, fmt, k)  # [O, K]
-        if self.zero_point is not None:
-            zp = self.zero_point
-            q = (q.reshape(q.shape[0], zp.reshape(q.shape[0], -1).shape[1], -1) - zp.reshape(q.shape[0], -1, 1)).reshape(q.shape)
-        if self.spec.group_size:
-            g = self.spec.group_size
-            w = (q.reshape(q.shape[0], -1, g) * self.scale.unsqueeze(-1)).reshape(q.shape)
-        else:
-            w = q * self.scale.reshape(-1, 1)
-        return w.reshape(self.weight_shape)
+        values = storage.unpack(self.qdata, fmt, k)
+        zp = None if self.zero_point is None else self.zero_point.float()
+        return QWeight(values, self.scale.float(), zp, fmt, self.weight_shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight the stored codes represent, shaped like the original weight."""
+        return self.qweight().dequantize()
 
     @property
     def _kernel_args(self) -> dict:
         fmt = formats.get(self.spec.weight)
         return {"bits": fmt.bits, "group_size": self.spec.group_size}
 
+    @property
+    def on_engine(self) -> bool:
+        """Whether this layer's quantized activations run on the integer W8A8 engines."""
+        return self.spec.act is not None and runs_on_engine(self.spec)
+
+    def _engine_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 or packed signed 4-bit codes, per-channel/group scale) for the W8A8 ops.
+
+        Signed INT codes are used as stored. FP codes become int8 values / step with the scale
+        times step (both exact: step is a power of two), derived once per stored code tensor."""
+        fmt = formats.get(self.spec.weight)
+        if fmt.kind == "int":
+            return self.qdata, self.scale
+        key = (self.qdata.data_ptr(), self.qdata._version, self.scale._version, self.qdata.device)
+        if self._engine_cache is None or self._engine_cache[0] != key:
+            step = engine_step(fmt)
+            k = int(self.weight_shape[1:].numel())
+            codes = (storage.unpack(self.qdata, fmt, k) / step).round().to(torch.int8)
+            self._engine_cache = (key, codes.to(self.qdata.device), self.scale * step)
+        return self._engine_cache[1], self._engine_cache[2]
+
+    def _simulated_input(self, x: torch.Tensor) -> torch.Tensor:
+        return simulated_act(self.spec, x, self.input_scale, self.input_zero_point)
+
     def quant_nbytes(self) -> int:
         """Bytes of everything this layer stores (codes, scales, activation params, bias)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def quant_weight_nbytes(self) -> int:
+        """Bytes of the quantized weight: codes, scales, zero points and activation parameters
+        (equals `dq.storage.spec_nbytes(spec, weight_shape)`)."""
+        names = ("qdata", "scale", "zero_point", "input_scale", "input_zero_point")
+        return sum(t.numel() * t.element_size() for n in names if (t := getattr(self, n)) is not None)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -311,16 +269,24 @@ class QLinear(QuantizedLayerMixin, nn.Module):
         self._init_quant_buffers(spec, torch.Size((out_features, in_features)), bias)
 
     @classmethod
-    def from_float(
-        cls, module: nn.Linear, spec: LayerSpec, act_range: tuple[float, float] | None = None,
-        weight: torch.Tensor | None = None,
+    def from_qweight(
+        cls, module: nn.Linear, qweight: QWeight, spec: LayerSpec,
+        act_range: tuple[float, float] | None = None,
     ) -> QLinear:
-        """Quantize `module` with `spec`; `weight` overrides the float weight (e.g. after
-        learned rounding); `act_range` is the calibrated (min, max) of its input."""
-        spec = resolve_spec(spec, module.weight.shape)
+        """Store `qweight` (e.g. learned rounding's result) as given, never re-rounded; `spec`
+        must be the (shape-resolved) spec it was made with; `act_range` is the calibrated
+        (min, max) of the input when `spec` quantizes activations."""
         q = cls(module.in_features, module.out_features, module.bias is not None, spec)
-        q._load_from_float(module.weight if weight is None else weight, module.bias, act_range)
+        q._load_qweight(qweight, module.bias, act_range)
         return q.to(module.weight.device)
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Linear, spec: LayerSpec, act_range: tuple[float, float] | None = None
+    ) -> QLinear:
+        """Quantize `module` with `spec` (round to nearest on the spec's scales)."""
+        spec = resolve_spec(spec, module.weight.shape)
+        return cls.from_qweight(module, quant.quantize_weight(module.weight, spec), spec, act_range)
 
     # --- BOS-aware text embedding (MixDQ) -------------------------------------------------
     def enable_bos(self, float_module: nn.Linear, bos: torch.Tensor) -> None:
@@ -336,51 +302,33 @@ class QLinear(QuantizedLayerMixin, nn.Module):
             float_module: the float layer this one was quantized from.
             bos: [in_features] the BOS token's text embedding.
         """
-        bos = bos.detach().float().reshape(-1).to(self.scale.device)
-        if bos.numel() != self.in_features:
-            raise ValueError(
-                f"BOS embedding has {bos.numel()} values but the layer takes {self.in_features}; "
-                "pass token 0 of the encoder_hidden_states this layer projects"
-            )
-        with torch.no_grad():
-            w = float_module.weight.detach().float()
-            b = None if float_module.bias is None else float_module.bias.detach().float()
-            out = F.linear(bos, w.to(bos.device), None if b is None else b.to(bos.device))
-        self.register_buffer("bos_input", bos.clone())
-        self.register_buffer("bos_output", out)
+        bos, out = bos_constants(float_module, bos)
+        self.register_buffer("bos_input", bos.to(self.scale.device))
+        self.register_buffer("bos_output", out.to(self.scale.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bos_out = self._buffers.get("bos_output")
-        if bos_out is None or x.dim() != 3 or x.shape[1] < 2:
+        if bos_out is None:
             return self._forward_codes(x)
-        # [B, L, in]: tokens 1.. through the kernel; token 0 precomputed where it is the BOS.
-        # Branch-free (torch.where), so torch.compile sees no data-dependent control flow.
-        bos_in = self._buffers["bos_input"]
-        rest = self._forward_codes(x[:, 1:])  # [B, L-1, out]
-        head_q = self._forward_codes(x[:, :1])  # [B, 1, out], used where token 0 is not BOS
-        tol = 1e-2 * bos_in.abs().amax() + 1e-6
-        is_bos = (x[:, 0].to(bos_in.dtype) - bos_in).abs().amax(dim=-1) <= tol  # [B]
-        head = torch.where(is_bos[:, None, None], bos_out.to(head_q.dtype), head_q)
-        return torch.cat([head, rest], dim=1)
+        return bos_forward(x, self._buffers["bos_input"], bos_out, self._forward_codes)
 
     def _forward_codes(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if x.device.type == "cpu":  # half precision is emulated (slow) on CPU; GPUs keep it
             x = x.float()
-        if self.spec.act is not None:
+        if self.on_engine:
+            w, w_scale = self._engine_weight()
             y = torch.ops.dq.linear_w8a8(
-                x, self._engine_weight(), self.scale, self.bias, self.input_scale,
-                self.input_zero_point,
+                x, w, w_scale, self.bias, self.input_scale, self.input_zero_point,
             )
         else:
+            if self.spec.act is not None:
+                x = self._simulated_input(x)
             y = torch.ops.dq.linear_wonly(
                 x, self.qdata, self.scale, self.zero_point, self.bias, self.lut,
                 **self._kernel_args,
             )
         return y.to(dtype)
-
-    def _engine_weight(self) -> torch.Tensor:
-        return self.qdata
 
 
 class QConv2d(QuantizedLayerMixin, nn.Module):
@@ -399,35 +347,50 @@ class QConv2d(QuantizedLayerMixin, nn.Module):
         self.dilation, self.groups = tuple(dilation), groups
         self._init_quant_buffers(spec, shape, bias)
 
-    @classmethod
-    def from_float(
-        cls, module: nn.Conv2d, spec: LayerSpec, act_range: tuple[float, float] | None = None,
-        weight: torch.Tensor | None = None,
-    ) -> QConv2d:
+    @staticmethod
+    def check_float(module: nn.Conv2d) -> None:
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             raise ValueError(
                 f"Conv2d with padding={module.padding!r}, padding_mode={module.padding_mode!r} "
                 "is not supported; keep this layer in float (add it to QuantConfig.skip)"
             )
-        spec = resolve_spec(spec, module.weight.shape)
+
+    @classmethod
+    def from_qweight(
+        cls, module: nn.Conv2d, qweight: QWeight, spec: LayerSpec,
+        act_range: tuple[float, float] | None = None,
+    ) -> QConv2d:
+        """As `QLinear.from_qweight`."""
+        cls.check_float(module)
         q = cls(
             module.in_channels, module.out_channels, module.kernel_size, module.stride,
             module.padding, module.dilation, module.groups, module.bias is not None, spec,
         )
-        q._load_from_float(module.weight if weight is None else weight, module.bias, act_range)
+        q._load_qweight(qweight, module.bias, act_range)
         return q.to(module.weight.device)
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Conv2d, spec: LayerSpec, act_range: tuple[float, float] | None = None
+    ) -> QConv2d:
+        cls.check_float(module)
+        spec = resolve_spec(spec, module.weight.shape)
+        return cls.from_qweight(module, quant.quantize_weight(module.weight, spec), spec, act_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if x.device.type == "cpu":  # half precision is emulated (slow) on CPU; GPUs keep it
             x = x.float()
         conv = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
-        if self.spec.act is not None:
+        if self.on_engine:
+            w, w_scale = self._engine_weight()
             y = torch.ops.dq.conv2d_w8a8(
-                x, self.qdata, self.scale, self.bias, self.input_scale, self.input_zero_point,
+                x, w, w_scale, self.bias, self.input_scale, self.input_zero_point,
                 *conv, list(self.weight_shape),
             )
         else:
+            if self.spec.act is not None:
+                x = self._simulated_input(x)
             y = torch.ops.dq.conv2d_wonly(
                 x, self.qdata, self.scale, self.zero_point, self.bias, self.lut, list(self.weight_shape),
                 *conv, **self._kernel_args,
@@ -437,6 +400,8 @@ class QConv2d(QuantizedLayerMixin, nn.Module):
 
 def quantized_module_for(module: nn.Module) -> type[QuantizedLayerMixin] | None:
     """The quantized class replacing `module`, or None if it is not quantizable."""
+    if isinstance(module, QuantizedLayerMixin):
+        return None
     if isinstance(module, nn.Linear):
         return QLinear
     if isinstance(module, nn.Conv2d):
@@ -448,8 +413,7 @@ def reference_forward(layer: QuantizedLayerMixin, x: torch.Tensor) -> torch.Tens
     """Plain-PyTorch forward from `dequantize()` (and real activation rounding), for tests."""
     w = layer.dequantize()
     if layer.spec.act is not None:
-        s, z = layer.input_scale, layer.input_zero_point
-        x = (torch.clamp(torch.round(x / s) + z, 0, 255) - z) * s
+        x = layer._simulated_input(x)
     if isinstance(layer, QLinear):
         return F.linear(x, w, layer.bias)  # BOS-aware layers: compare tokens 1.. only
     return F.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)

@@ -216,7 +216,8 @@ def run_pipeline(config: str, s: Settings) -> dict:
     call = assets.embedded_defaults()
     if config != "fp32":
         dq.quantize(pipe, dq_config(config), calib_prompts=assets.calibration_prompts()[:16], progress=False,
-                    num_inference_steps=call["num_inference_steps"], guidance_scale=call["guidance_scale"])  # fmt: skip
+                    calibration={"num_inference_steps": call["num_inference_steps"],
+                                 "guidance_scale": call["guidance_scale"]})  # fmt: skip
     prompts = assets.heldout_prompts(4)[0]
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     with torch.inference_mode():

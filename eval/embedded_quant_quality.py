@@ -84,7 +84,8 @@ def main() -> None:
         pipe = dq.assets.load_embedded_pipeline()
         t0 = time.time()
         dq.quantize(pipe, CONFIGS[name], calib_prompts=calib, progress=False,
-                    num_inference_steps=call["num_inference_steps"], guidance_scale=call["guidance_scale"])  # fmt: skip
+                    calibration={"num_inference_steps": call["num_inference_steps"],
+                                 "guidance_scale": call["guidance_scale"]})  # fmt: skip
         res, _ = evaluate_pipeline(pipe, prompts, ev, labels, real=real, reference=fp_images, seed=s.seed, **call)
         res["seconds"] = round(time.time() - t0, 1)
         rows[name] = res

@@ -38,7 +38,7 @@ def test_w8a8_three_lines_int8_storage_and_close_to_fp(fresh_tiny_sd):
     x, t, ctx = _unet_io(pipe)
     with torch.no_grad():
         ref = pipe.unet(x, t, ctx).sample
-    out = dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, num_inference_steps=3)
+    out = dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, calibration={"num_inference_steps": 3})
     assert out is pipe
     qlayers = [m for m in pipe.unet.modules() if isinstance(m, QuantizedLayerMixin)]
     assert len(qlayers) > 20
@@ -79,7 +79,7 @@ def test_presets_run_and_stay_close(fresh_tiny_sd, preset):
     x, t, ctx = _unet_io(pipe)
     with torch.no_grad():
         ref = pipe.unet(x, t, ctx).sample
-    dq.quantize(pipe, preset, calib_prompts=PROMPTS, num_inference_steps=2)
+    dq.quantize(pipe, preset, calib_prompts=PROMPTS, calibration={"num_inference_steps": 2})
     with torch.no_grad():
         y = pipe.unet(x, t, ctx).sample
     assert _cos(ref, y) >= 0.95
@@ -135,7 +135,7 @@ def test_nan_in_calibration_is_a_clear_error(fresh_tiny_sd):
     with torch.no_grad():
         pipe.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, num_inference_steps=2)
+        dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, calibration={"num_inference_steps": 2})
     assert not isinstance(lin, QuantizedLayerMixin)
 
 
@@ -148,6 +148,34 @@ def test_quantizing_twice_is_refused(fresh_tiny_sd):
 
 def test_sdxl_w8a8(tiny_sdxl):
     pipe = copy.deepcopy(tiny_sdxl)
-    dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, num_inference_steps=2)
+    dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, calibration={"num_inference_steps": 2})
     img = pipe(PROMPTS[0], num_inference_steps=2, output_type="pt").images
     assert torch.isfinite(img).all()
+
+
+def test_learned_rounding_and_unknown_options_are_refused(tiny_sd):
+    with pytest.raises(ValueError, match="rounding='learned' is not available"):
+        dq.quantize(tiny_sd, "w4a16", rounding="learned")
+    with pytest.raises(TypeError):
+        dq.quantize(tiny_sd, "w4a16", num_inference_steps=2)  # pipeline args go in calibration=
+    with pytest.raises(ValueError, match="unknown keys"):
+        dq.quantize(tiny_sd, "w8a8", calib_prompts=PROMPTS, calibration={"num_inference_step": 2})
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        dq.quantize(tiny_sd, "w8a8", calib_prompts=PROMPTS, calibration={"num_inference_steps": 0})
+
+
+def test_calibration_settings_reach_the_pipeline_call(fresh_tiny_sd, monkeypatch):
+    seen = []
+    orig = type(fresh_tiny_sd).__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs)
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(fresh_tiny_sd), "__call__", spy)
+    dq.quantize(fresh_tiny_sd, "w8a8", calib_prompts=PROMPTS, progress=False,
+                calibration=dq.Sampling(num_inference_steps=2, guidance_scale=1.0, batch_size=2,
+                                        extra={"negative_prompt": "blurry"}))
+    assert seen and all(k["num_inference_steps"] == 2 and k["guidance_scale"] == 1.0 for k in seen)
+    assert all(k["negative_prompt"] == "blurry" and k["output_type"] == "latent" for k in seen)
+    assert sum(len(k["prompt"]) for k in seen) == len(PROMPTS)

@@ -77,7 +77,7 @@ def test_quantize_makes_cross_attention_kv_bos_aware(fresh_tiny_sd):
     with torch.no_grad():
         ids = pipe.tokenizer(["x"], return_tensors="pt").input_ids
         bos = pipe.text_encoder(ids)[0][0, 0]
-    dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, num_inference_steps=2)
+    dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, calibration={"num_inference_steps": 2})
     layers = _bos_layers(pipe.unet)
     assert layers and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in layers)
     name, q = next(iter(layers.items()))
@@ -91,13 +91,13 @@ def test_quantize_makes_cross_attention_kv_bos_aware(fresh_tiny_sd):
 def test_bos_aware_off_keeps_plain_layers(fresh_tiny_sd):
     pipe = fresh_tiny_sd
     cfg = QuantConfig(default=LayerSpec("int8", act="uint8"), bos_aware=False)
-    dq.quantize(pipe, cfg, calib_prompts=PROMPTS, num_inference_steps=2)
+    dq.quantize(pipe, cfg, calib_prompts=PROMPTS, calibration={"num_inference_steps": 2})
     assert not _bos_layers(pipe.unet)
 
 
 def test_bos_constants_survive_save_and_load(fresh_tiny_sd, tmp_path):
     pipe = fresh_tiny_sd
-    dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, num_inference_steps=2)
+    dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, calibration={"num_inference_steps": 2})
     kw = dict(num_inference_steps=2, output_type="pt")
     img = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0), **kw).images
     pipe.save_pretrained(tmp_path / "p")
@@ -110,6 +110,6 @@ def test_bos_constants_survive_save_and_load(fresh_tiny_sd, tmp_path):
 @pytest.mark.parametrize("guidance", [1.0, 5.0], ids=["cfg-off", "cfg-on"])
 def test_sdxl_with_bos(tiny_sdxl, guidance):
     pipe = copy.deepcopy(tiny_sdxl)
-    dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, num_inference_steps=2, guidance_scale=guidance)
+    dq.quantize(pipe, "w8a8", calib_prompts=PROMPTS, calibration={"num_inference_steps": 2, "guidance_scale": guidance})
     img = pipe(PROMPTS[0], num_inference_steps=2, guidance_scale=guidance, output_type="pt").images
     assert torch.isfinite(img).all()

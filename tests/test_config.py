@@ -41,7 +41,6 @@ def test_mixed_plan_round_trips_and_lookup_order():
         ({"weight_granularity": "row"}, "group<N>"),
         ({"act_granularity": "channel"}, "per tensor"),
         ({"weight_method": "magic"}, "weight_method"),
-        ({"rounding": "stochastic"}, "rounding"),
         ({"weight": "fp8_e4m3", "pair_limit": 128}, "signed INT"),
         ({"weight": "uint8", "pair_limit": 128}, "signed INT"),
         ({"weight_granularity": "group32", "pair_limit": 128}, "'channel'"),
@@ -49,7 +48,7 @@ def test_mixed_plan_round_trips_and_lookup_order():
         ({"pair_limit": 128.0}, "integer >= 127"),
     ],
     ids=["bad-weight", "bad-act", "bad-granularity", "bad-act-granularity", "bad-method",
-         "bad-rounding", "pair-fp", "pair-unsigned", "pair-group", "pair-small", "pair-float"],
+         "pair-fp", "pair-unsigned", "pair-group", "pair-small", "pair-float"],
 )
 def test_layer_spec_rejects_bad_values_with_fix(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -78,3 +77,35 @@ def test_unknown_keys_are_refused():
 def test_group_size_property():
     assert LayerSpec("int4", "group64").group_size == 64
     assert LayerSpec("int4", "channel").group_size == 0
+
+
+def test_rounding_is_not_a_layer_setting():
+    with pytest.raises(TypeError):
+        LayerSpec(rounding="learned")  # a procedure setting of dq.quantize now
+    # version-1 plans always wrote "nearest": read and dropped; anything else is refused
+    assert LayerSpec.from_dict({"weight": "int8", "rounding": "nearest"}) == LayerSpec("int8")
+    with pytest.raises(ValueError, match="rounding"):
+        LayerSpec.from_dict({"weight": "int8", "rounding": "learned"})
+
+
+def test_plan_carries_format_definitions_and_refuses_conflicts():
+    from dq import formats
+
+    fmt = formats.get("fp4_e2m1").with_bias(2, name="fp4_e2m1_b2_cfgtest")
+    cfg = QuantConfig(default=LayerSpec(fmt, "channel"))
+    assert cfg.default.weight == "fp4_e2m1_b2_cfgtest"
+    d = json.loads(cfg.to_json())
+    assert d["formats"]["fp4_e2m1_b2_cfgtest"]["bias"] == 2
+    assert QuantConfig.from_json(cfg.to_json()) == cfg
+    d["formats"]["fp4_e2m1_b2_cfgtest"]["bias"] = 3  # same name, another grid
+    with pytest.raises(ValueError, match="already has"):
+        QuantConfig.from_dict(d)
+
+
+def test_version_1_plan_is_upgraded():
+    d = QuantConfig.from_preset("w8a8").to_dict()
+    d["version"] = 1
+    d.pop("formats")
+    d["default"]["rounding"] = "nearest"
+    cfg = QuantConfig.from_dict(d)
+    assert cfg == QuantConfig.from_preset("w8a8") and cfg.version == CONFIG_VERSION

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dq import formats, quant
@@ -111,9 +112,53 @@ def test_activation_spec_without_range_is_a_clear_error():
         QLinear.from_float(nn.Linear(16, 8), LayerSpec("int8", act="uint8"))
 
 
-def test_activation_quant_needs_int_per_channel_weights():
-    with pytest.raises(ValueError, match="INT weights"):
-        QLinear.from_float(nn.Linear(16, 8), LayerSpec("fp8_e4m3", act="uint8"), act_range=(-1, 1))
+# every weight format with 8-bit activations: on the integer engine where the grid is int8
+# once scaled by a power of two, through the reference path otherwise
+WEIGHT_FORMATS = [
+    ("int8", "channel"), ("int7", "channel"), ("int4", "channel"), ("int4", "group16"),
+    ("int3", "channel"), ("int2", "channel"), ("uint8", "channel"), ("uint4", "group16"),
+    ("fp8_e4m3", "channel"), ("fp8_e5m2", "channel"), ("fp6_e2m3", "channel"),
+    ("fp6_e3m2", "channel"), ("fp5_e2m2", "channel"), ("fp5_e3m1", "channel"),
+    ("fp4_e2m1", "channel"), ("fp4_e2m1", "group16"), ("fp4_e3m0", "channel"),
+    ("fp3_e2m0", "channel"),
+]
+ENGINE_EXPECTED = {"int8", "int7", "int4", "int3", "int2", "fp6_e2m3", "fp5_e2m2", "fp4_e2m1",
+                   "fp4_e3m0", "fp3_e2m0"}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("act", ["uint8", "int8", "fp8_e4m3", "uint4"])
+@pytest.mark.parametrize("w,g", WEIGHT_FORMATS, ids=[f"{w}-{g}" for w, g in WEIGHT_FORMATS])
+def test_every_weight_format_runs_with_quantized_activations(kind, w, g, act):
+    from dq.modules import runs_on_engine
+
+    float_layer, x = _layer(kind), _input(kind)
+    spec = LayerSpec(w, g, act=act)
+    cls = QLinear if kind == "linear" else QConv2d
+    q = cls.from_float(float_layer, spec, act_range=(float(x.min()), float(x.max())))
+    on_engine = act in ("uint8", "int8") and w in ENGINE_EXPECTED
+    assert runs_on_engine(q.spec) is on_engine
+    with torch.inference_mode():
+        y = q(x)
+        y_ref = reference_forward(q, x)
+    scale = y_ref.abs().max().item()
+    assert (y - y_ref).abs().max().item() <= 2e-3 * scale + 1e-5
+    # the activations really are rounded: a float input gives another output
+    if act != "fp8_e4m3":
+        assert not torch.allclose(y_ref, F.linear(x, q.dequantize(), q.bias) if kind == "linear"
+                                  else F.conv2d(x, q.dequantize(), q.bias, 1, 1), atol=1e-6)
+
+
+def test_fp_weights_on_the_engine_use_exact_int8_codes():
+    from dq.modules import engine_step
+
+    assert engine_step("fp4_e2m1") == 0.5 and engine_step("fp6_e2m3") == 0.125
+    assert engine_step("fp6_e3m2") is None and engine_step("uint8") is None
+    lin = nn.Linear(64, 24)
+    q = QLinear.from_float(lin, LayerSpec("fp4_e2m1", act="uint8"), act_range=(-3.0, 3.0))
+    codes, s = q._engine_weight()
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) <= 12
+    torch.testing.assert_close(codes.float() * s[:, None], q.dequantize(), rtol=0, atol=0)
 
 
 def test_int4_storage_is_a_quarter_of_fp16():

@@ -54,7 +54,7 @@ def _quantized(config, seed=0):
 
     pipe = tiny_sd_pipeline(seed=seed)
     pipe.set_progress_bar_config(disable=True)
-    return dq.quantize(pipe, config, calib_prompts=PROMPTS, num_inference_steps=2, progress=False)
+    return dq.quantize(pipe, config, calib_prompts=PROMPTS, calibration={"num_inference_steps": 2}, progress=False)
 
 
 def _image(pipe):
@@ -535,3 +535,53 @@ def test_push_to_hub_uploads_the_hub_folder(saved_w8a16, tmp_path, monkeypatch):
     card = (up / "README.md").read_text()
     assert "import dq" in card and "me/tiny-w8a16" in card and "int8/channel" in card
     assert_same_tensors(pipe.unet.state_dict(), _load(up).unet.state_dict())
+
+
+# ----------------------------------------------------------------------------- self-contained plans
+
+
+def test_bias_shifted_fp4_saves_and_reloads_in_a_fresh_process(tmp_path):
+    from dq import formats
+
+    fmt = formats.get("fp4_e2m1").with_bias(0, name="fp4_e2m1_b0_savetest")  # range x 2
+    cfg = QuantConfig(default=LayerSpec(fmt, "channel", act="uint8"), name="fp4-b0")
+    pipe = _quantized(cfg)
+    layer = pipe.unet.get_submodule(f"{ATTN}.attn1.to_q")
+    assert layer.spec.weight == "fp4_e2m1_b0_savetest"
+    assert float(layer.qweight().values.abs().max()) == 12.0  # the shifted grid's max
+    pipe.save_pretrained(tmp_path / "q")
+    ref = _image(pipe)
+    torch.save(ref, tmp_path / "ref.pt")
+    code = textwrap.dedent(f"""
+        import torch, dq
+        from dq import formats
+        from diffusers import DiffusionPipeline
+        assert "fp4_e2m1_b0_savetest" not in formats.names()
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / "q")!r})
+        pipe.set_progress_bar_config(disable=True)
+        assert formats.get("fp4_e2m1_b0_savetest").bias == 0
+        img = pipe({PROMPTS[0]!r}, num_inference_steps=2, height=32, width=32, guidance_scale=3.0,
+                   output_type="pt", generator=torch.Generator().manual_seed(0)).images
+        assert torch.equal(img, torch.load({str(tmp_path / "ref.pt")!r})), "images differ"
+        print("ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_version_1_folder_still_loads(tmp_path):
+    pipe = _quantized("w8a8")
+    pipe.save_pretrained(tmp_path / "q")
+
+    def to_v1(q):
+        plan = q["plan"]
+        plan["version"] = 1
+        plan.pop("formats")
+        for spec in plan["layers"].values():
+            if spec is not None:
+                spec["rounding"] = "nearest"
+
+    _edit_config(tmp_path / "q", to_v1)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "q")
+    assert torch.equal(_image(loaded), _image(pipe))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dq import quant
 from dq.quant import unpack_int4
 
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -68,9 +69,10 @@ def quantize_act(
 def fake_quantize_act(
     x: torch.Tensor, x_scale: torch.Tensor | None, x_zero_point: torch.Tensor | None
 ) -> torch.Tensor:
-    """x -> (q - zp) * s in fp32: the activation the W8A8 kernels actually multiply."""
+    """x -> (q - zp) * s in fp32: the activation the W8A8 kernels actually multiply
+    (`dq.quant.fake_quantize_act` on the uint8 grid, the rule every path shares)."""
     s, zp = act_qparams(x, x_scale, x_zero_point)
-    return (quantize_act(x, s, zp).float() - zp.float()) * s
+    return quant.fake_quantize_act(x, "uint8", s, zp)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -101,17 +103,7 @@ def scale_per_k(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return t if t.shape[1] == 1 else t.unsqueeze(-1)
 
 
-def scale_values(
-    v: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None
-) -> torch.Tensor:
-    """Unscaled values [N, K] -> (v - zero_point) * scale, per channel or per group, fp32."""
-    n, k = v.shape
-    s = scale_per_k(scale, n, k)
-    if s.dim() == 3:
-        v = v.reshape(n, s.shape[1], -1)  # [N, G, K/G]
-    if zero_point is not None:
-        v = v - scale_per_k(zero_point, n, k)
-    return (v * s).reshape(n, k)
+scale_values = quant.scale_values  # (v - zero_point) * scale, the one dequantization rule
 
 
 def dequantize_weight(
