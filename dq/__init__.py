@@ -13,9 +13,9 @@ from dq.api import apply_plan, quantizable_layers, quantize, quantize_model, res
 from dq.config import PRESETS, LayerSpec, QuantConfig  # noqa: E402
 from dq.generate import Sampling, generate  # noqa: E402
 from dq.quant import QWeight, quantize_weight  # noqa: E402
+from dq.serialization import load, save_pretrained  # noqa: E402  (registers the "dq" quantizer with diffusers)
 from dq.simulate import fake_quantized  # noqa: E402
 from dq.storage import spec_nbytes  # noqa: E402
-from dq.serialization import load, save_pretrained  # noqa: E402  (registers the "dq" quantizer with diffusers)
 
 __all__ = [
     "PRESETS",

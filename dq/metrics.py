@@ -262,7 +262,8 @@ def generate(
     """Images (N, 3, H, W) in [0, 1] for `prompts` through `dq.generate.generate` (image i uses
     generator seed `seed + i`); `call_kwargs` are pipeline arguments (num_inference_steps,
     guidance_scale, ...)."""
-    from dq.generate import Sampling, generate as run
+    from dq.generate import Sampling
+    from dq.generate import generate as run
 
     return run(pipe, prompts, Sampling.from_kwargs(seed=seed, batch_size=batch_size, **call_kwargs))
 
