@@ -121,7 +121,7 @@ def apply_plan(
 
 # --- BOS-aware text embedding ---------------------------------------------------------------
 # Cross-attention key/value projections read the text embedding; diffusers names them so.
-BOS_LAYER_SUFFIXES = ("attn2.to_k", "attn2.to_v")
+from dq.recipes import BOS_LAYER_SUFFIXES  # noqa: E402
 
 
 def bos_candidates(plan: dict[str, LayerSpec | None]) -> list[str]:
@@ -255,10 +255,15 @@ def quantize(
     Args:
         pipe: a diffusers pipeline with a `unet` (StableDiffusionPipeline, SDXL, ...).
         config: a preset name ("w8a8", "w4a16", "w4a8", "w8a16", "fp8", "fp4") or a QuantConfig.
-        calib_prompts: prompts for calibration (required when activations are quantized).
-        calibration: the calibration run's pipeline arguments (`dq.Sampling` or a dict of its
-            fields: num_inference_steps, guidance_scale, height, width, batch_size, seed,
-            extra); unset fields keep the pipeline's defaults.
+        calib_prompts: prompts for calibration; None takes the model recipe's prompt set
+            (`dq.recipes`: dq's shipped captions for SD/SDXL families, the embedded world's own
+            captions for the embedded pipeline); unknown models must pass prompts when
+            activations are quantized.
+        calibration: the calibration run's pipeline arguments (`dq.Sampling`, used as given,
+            or a dict of its fields: num_inference_steps, guidance_scale, height, width,
+            batch_size, seed, extra); unset fields come from the model's recipe
+            (`dq.recipes.recipe_for(pipe).calibration`, e.g. SDXL-Turbo 1 step without
+            guidance), then from the pipeline's own defaults.
         rounding: "nearest" (round to nearest on the searched scales).
         progress: show progress bars.
 
@@ -269,9 +274,15 @@ def quantize(
     """
     unet = _check_pipe(pipe)
     cfg = _as_config(config)
-    sampling = _as_sampling(calibration)
+    from dq import recipes
+
+    recipe = recipes.recipe_for(pipe)
+    sampling = _as_sampling(calibration, recipe.calibration)
     if calib_prompts is not None:
         calib_prompts = check_prompts(calib_prompts, "calib_prompts")
+    elif recipe.name != "generic":  # a known model family ships a calibration prompt set
+        n = recipe.calibration.num_prompts
+        calib_prompts = recipes.calibration_prompts(recipe)[:n]
     run = None
     if calib_prompts is not None:
         def run():
@@ -286,9 +297,12 @@ def quantize(
     return bind_atomic_save(pipe)  # pipe.save_pretrained now writes atomically
 
 
-def _as_sampling(calibration: Sampling | Mapping[str, Any] | None) -> Sampling:
+def _as_sampling(calibration: Sampling | Mapping[str, Any] | None, defaults) -> Sampling:
+    """The calibration run's settings: a `Sampling` as given; a dict over the recipe's
+    defaults (`defaults`, a `dq.recipes.Calibration`); None for the recipe's defaults."""
+    base = Sampling(batch_size=defaults.batch_size, **defaults.pipeline_kwargs())
     if calibration is None:
-        return Sampling(batch_size=1)
+        return base
     if isinstance(calibration, Sampling):
         return calibration
     if isinstance(calibration, Mapping):
@@ -299,7 +313,8 @@ def _as_sampling(calibration: Sampling | Mapping[str, Any] | None) -> Sampling:
                 f"calibration has unknown keys {unknown}; use {sorted(known)} (other pipeline "
                 "arguments go in 'extra')"
             )
-        return Sampling(**{"batch_size": 1, **calibration})
+        fields = {**base.to_dict(), **{k: v for k, v in calibration.items() if v is not None}}
+        return Sampling(**fields)
     raise ValueError(
         f"calibration must be a dq.Sampling or a dict of its fields, got {type(calibration).__name__}"
     )

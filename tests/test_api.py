@@ -179,3 +179,31 @@ def test_calibration_settings_reach_the_pipeline_call(fresh_tiny_sd, monkeypatch
     assert seen and all(k["num_inference_steps"] == 2 and k["guidance_scale"] == 1.0 for k in seen)
     assert all(k["negative_prompt"] == "blurry" and k["output_type"] == "latent" for k in seen)
     assert sum(len(k["prompt"]) for k in seen) == len(PROMPTS)
+
+
+def test_recipe_calibration_defaults_are_used_when_none_are_given(monkeypatch):
+    import dq.api
+    from dq import assets, recipes
+
+    pipe = assets.load_embedded_pipeline()
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(pipe_, prompts, sampling, **kw):
+        seen.update(prompts=prompts, sampling=sampling)
+        raise Stop
+
+    monkeypatch.setattr(dq.api, "generate", spy)
+    recipe = recipes.recipe_for(pipe)
+    assert recipe.name == "embedded"
+    with pytest.raises(Stop):
+        dq.quantize(pipe, "w8a8", progress=False)  # no prompts, no settings: the recipe's
+    want = recipe.calibration.pipeline_kwargs()
+    assert seen["sampling"].call_kwargs() == want and want["num_inference_steps"] == assets.embedded_defaults()["num_inference_steps"]
+    assert seen["prompts"] == recipes.calibration_prompts(recipe)[: recipe.calibration.num_prompts]
+    with pytest.raises(Stop):  # a dict overrides single fields over the recipe's defaults
+        dq.quantize(pipe, "w8a8", calib_prompts=["a red circle"], calibration={"num_inference_steps": 3})
+    assert seen["sampling"].num_inference_steps == 3
+    assert seen["sampling"].guidance_scale == want["guidance_scale"]
