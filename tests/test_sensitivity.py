@@ -1,0 +1,120 @@
+"""dq.sensitivity: decoupled scores per layer x candidate x kind; cached, resumable, shardable."""
+
+import json
+
+import pytest
+import torch
+
+import dq.sensitivity as S
+from dq.generate import Sampling
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a small yellow star"]
+SETTINGS = S.SensitivitySettings(
+    weight_candidates=("int2", "int4", "int8"), act_candidates=("uint4", "uint8"),
+    num_images=2, num_unet_calls=2,
+    sampling=Sampling(num_inference_steps=2, guidance_scale=2.0, batch_size=4),
+)
+
+
+def _scores(t):
+    """A table's content without the per-item timings."""
+    d = t.to_dict()
+    for it in d["items"]:
+        it.pop("seconds")
+    return d
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from dq.testing import tiny_sd_pipeline
+
+    return tiny_sd_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def table(pipe):
+    return S.analyze(pipe, PROMPTS, settings=SETTINGS, progress=False)
+
+
+def test_table_covers_every_layer_candidate_and_kind(pipe, table):
+    from dq.api import quantizable_layers
+
+    names = [n for n in quantizable_layers(pipe.unet) if n not in ("conv_in", "conv_out")]
+    assert sorted(table.layers) == sorted(names)
+    assert len(table.items) == len(names) * 5
+    groups = {v["group"] for v in table.layers.values()}
+    assert groups == {"content", "quality"}
+    for it in table.items:
+        assert ("ssim" in it.metrics) == (it.group == "content")
+    w_names, loss, cost = table.matrix("weight")
+    assert loss.shape == (len(names), 3) and bool(torch.isfinite(loss).all())
+    assert bool((cost[:, 0] == cost[:, 1]).all() and (cost[:, 1] < cost[:, 2]).all())  # 2-bit codes sit in nibbles
+    assert table.gain > 0
+    again = S.SensitivityTable.from_json(table.to_json())
+    assert again.to_dict() == table.to_dict()
+
+
+def test_more_bits_never_score_worse_beyond_noise(table):
+    for kind, cands in (("weight", ("int2", "int4", "int8")), ("act", ("uint4", "uint8"))):
+        _, loss, _ = table.matrix(kind)
+        for j in range(len(cands) - 1):
+            worse = loss[:, j + 1] > loss[:, j] * 1.05 + 1e-9
+            assert int(worse.sum()) <= max(1, loss.shape[0] // 20), (kind, cands[j + 1])
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(pipe, table, tmp_path, monkeypatch):
+    real = S._score
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise KeyboardInterrupt  # killed mid-run
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "_score", dying)
+    with pytest.raises(KeyboardInterrupt):
+        S.analyze(pipe, PROMPTS, settings=SETTINGS, cache_dir=tmp_path, progress=False)
+    f = tmp_path / "items-0.jsonl"
+    assert len(f.read_text().splitlines()) == 40
+    with f.open("a") as fh:
+        fh.write('{"layer": "cut by the kill')  # a half-written line
+    counted = {"n": 0}
+
+    def counting(*args, **kwargs):
+        counted["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "_score", counting)
+    resumed = S.analyze(pipe, PROMPTS, settings=SETTINGS, cache_dir=tmp_path, progress=False)
+    assert counted["n"] == len(table.items) - 40  # nothing finished is recomputed
+    assert _scores(resumed) == _scores(table)
+
+
+def test_two_shards_merge_to_the_one_process_table(pipe, table, tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "_barrier", lambda: None)
+    a = S.analyze(pipe, PROMPTS, settings=SETTINGS, cache_dir=tmp_path, shard=(0, 2), progress=False)
+    b = S.analyze(pipe, PROMPTS, settings=SETTINGS, cache_dir=tmp_path, shard=(1, 2), progress=False)
+    assert _scores(b) == _scores(table)  # the last shard merges every shard's items
+    assert len(a.items) < len(table.items)
+
+
+def test_bad_input_is_a_clear_error(pipe, tmp_path):
+    with pytest.raises(ValueError, match="non-empty"):
+        S.analyze(pipe, [], settings=SETTINGS, progress=False)
+    with pytest.raises(ValueError, match="unknown format"):
+        S.SensitivitySettings(weight_candidates=("int9",))
+    with pytest.raises(ValueError, match="fits no layer"):
+        S.analyze(pipe, PROMPTS, settings=S.SensitivitySettings(
+            weight_candidates=("int4",), kinds=("weight",), weight_granularity="group7",
+            sampling=SETTINGS.sampling), progress=False)
+    small = S.SensitivitySettings(weight_candidates=("int8",), kinds=("weight",), num_images=1,
+                                  num_unet_calls=1, sampling=SETTINGS.sampling)
+    S.analyze(pipe, PROMPTS[:1], settings=small, cache_dir=tmp_path, progress=False)
+    from dq.testing import tiny_sd_pipeline
+
+    other = tiny_sd_pipeline(seed=1)
+    with pytest.raises(ValueError, match="another model"):
+        S.analyze(other, PROMPTS[:1], settings=small, cache_dir=tmp_path, progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["model"] == S.model_fingerprint(pipe.unet)
