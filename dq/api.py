@@ -178,17 +178,36 @@ class _TokenRange:
         return {n: (self._lo[n], self._hi[n]) for n in self._lo}
 
 
-ROUNDINGS = ("nearest",)  # "learned" arrives with dq.rounding
+ROUNDINGS = ("nearest", "learned")
+# reservoir rows per layer for learned rounding (AdaRound needs a few hundred to thousands)
+LEARNED_ROWS_PER_LAYER = 1024
 
 
-def _check_rounding(rounding: str) -> None:
+def _check_rounding(rounding: str, rounding_settings: Any) -> None:
     if rounding not in ROUNDINGS:
-        if rounding == "learned":
-            raise ValueError(
-                "rounding='learned' is not available in this version of dq; use "
-                "rounding='nearest' (the default)"
-            )
         raise ValueError(f"rounding={rounding!r} is not valid; use one of {ROUNDINGS}")
+    if rounding_settings is not None and rounding != "learned":
+        raise ValueError("rounding_settings= applies to rounding='learned' only")
+
+
+def _learned_qweights(unet, plan, record, settings, progress) -> dict[str, QWeight]:
+    """Learned rounding (`dq.rounding.learn`) of every quantized layer on its captured input
+    rows, balanced across timesteps; the result is stored as given (`from_qweight`)."""
+    from dq import rounding as R
+
+    out: dict[str, QWeight] = {}
+    todo = [(n, s) for n, s in plan.items() if s is not None]
+    for name, spec in tqdm(todo, desc="dq learned rounding", disable=not progress, unit="layer"):
+        stats = record.layers.get(name)
+        if stats is None or stats.samples.shape[0] == 0:
+            raise ValueError(
+                f"learned rounding: no captured inputs for layer {name!r} (it never ran during "
+                "calibration); keep it in float (QuantConfig.skip) or calibrate with inputs that reach it"
+            )
+        weights = R.timestep_row_weights(stats.sample_timesteps)
+        module = unet.get_submodule(name)
+        out[name] = R.learn(module.weight, spec, stats.samples, settings, row_weights=weights)
+    return out
 
 
 def _calibrate_and_apply(
@@ -198,11 +217,13 @@ def _calibrate_and_apply(
     *,
     missing_run: str,
     rounding: str,
+    rounding_settings: Any = None,
     progress: bool,
 ) -> nn.Module:
     """The one quantization path: resolve the plan, calibrate with `run()` (hooks on `unet`
-    while it runs) where activations need ranges, quantize every layer, record the plan."""
-    _check_rounding(rounding)
+    while it runs) where activations need ranges or rounding is learned, quantize every
+    layer, record the plan."""
+    _check_rounding(rounding, rounding_settings)
     if any(isinstance(m, QuantizedLayerMixin) for m in unet.modules()):
         raise ValueError(
             "this model is already quantized; load the float model again to quantize it with "
@@ -210,19 +231,26 @@ def _calibrate_and_apply(
         )
     plan = resolve_plan(unet, cfg)
     act_ranges: dict[str, tuple[float, float]] = {}
+    qweights: dict[str, QWeight] = {}
     bos, bos_layers = None, []
-    if any(s is not None and s.act is not None for s in plan.values()):
+    needs_act = any(s is not None and s.act is not None for s in plan.values())
+    learned = rounding == "learned"
+    if needs_act or learned:
         if run is None:
-            raise ValueError(f"config {cfg.name!r} quantizes activations and needs calibration: {missing_run}")
+            why = "quantizes activations" if needs_act else "learns its rounding"
+            raise ValueError(f"config {cfg.name!r} {why} and needs calibration: {missing_run}")
         from dq.capture import Capture, CaptureSettings
 
         bos_layers = bos_candidates(plan) if cfg.bos_aware else []
-        # ranges and text embeddings only: no reservoir rows, no stored UNet calls
-        settings = CaptureSettings(max_bytes=0, max_samples_per_layer=0, max_unet_calls=0)
+        if learned:  # input rows for reconstruction, byte-capped
+            settings = CaptureSettings(max_samples_per_layer=LEARNED_ROWS_PER_LAYER, max_unet_calls=0)
+        else:  # ranges and text embeddings only: no reservoir rows, no stored UNet calls
+            settings = CaptureSettings(max_bytes=0, max_samples_per_layer=0, max_unet_calls=0)
         with _TokenRange(unet, bos_layers) as tail_ranges, Capture(unet, settings) as cap:
             run()
         record = cap.record
-        act_ranges = _act_ranges(record, plan)
+        if needs_act:
+            act_ranges = _act_ranges(record, plan)
         if bos_layers:
             bos = prompt_independent_bos(record)
             if bos is None:
@@ -232,7 +260,9 @@ def _calibrate_and_apply(
                 )
             else:
                 act_ranges.update(tail_ranges.ranges())
-    apply_plan(unet, plan, act_ranges, bos=bos, bos_layers=bos_layers, progress=progress)
+        if learned:
+            qweights = _learned_qweights(unet, plan, record, rounding_settings, progress)
+    apply_plan(unet, plan, act_ranges, qweights, bos=bos, bos_layers=bos_layers, progress=progress)
     _register_config(unet, _resolved_config(cfg, plan))
     return unet
 
@@ -244,6 +274,7 @@ def quantize(
     *,
     calibration: Sampling | Mapping[str, Any] | None = None,
     rounding: str = "nearest",
+    rounding_settings: Any = None,
     progress: bool = True,
 ) -> Any:
     """Quantize a diffusers pipeline's UNet in place and return the pipeline.
@@ -264,7 +295,11 @@ def quantize(
             batch_size, seed, extra); unset fields come from the model's recipe
             (`dq.recipes.recipe_for(pipe).calibration`, e.g. SDXL-Turbo 1 step without
             guidance), then from the pipeline's own defaults.
-        rounding: "nearest" (round to nearest on the searched scales).
+        rounding: "nearest" (round to nearest on the spec's scales) or "learned" (AdaRound on
+            INT and FP grids, `dq.rounding.learn`, per layer on its captured input rows,
+            balanced across timesteps; needs calibration prompts, also for weight-only configs).
+        rounding_settings: a `dq.rounding.RoundingSettings` for rounding="learned"
+            (iterations, regulariser, ...); None for its defaults.
         progress: show progress bars.
 
     Example:
@@ -289,7 +324,7 @@ def quantize(
             return generate(pipe, calib_prompts, sampling, output_type="latent",
                             progress=progress, desc="dq calibration")
     _calibrate_and_apply(
-        unet, cfg, run, rounding=rounding, progress=progress,
+        unet, cfg, run, rounding=rounding, rounding_settings=rounding_settings, progress=progress,
         missing_run="pass calib_prompts=[...] (16-64 prompts like the ones the pipeline will serve)",
     )
     from dq.serialization import bind_atomic_save
@@ -343,6 +378,7 @@ def quantize_model(
     calibrate: Callable[[nn.Module], None] | None = None,
     *,
     rounding: str = "nearest",
+    rounding_settings: Any = None,
     progress: bool = False,
 ) -> nn.Module:
     """Quantize a bare UNet (no pipeline) in place and return it.
@@ -352,7 +388,7 @@ def quantize_model(
         config: preset name or QuantConfig.
         calibrate: `calibrate(unet)` runs forwards on representative inputs; hooks record the
             activation ranges meanwhile. Required when the config quantizes activations.
-        rounding: as in `quantize`.
+        rounding, rounding_settings: as in `quantize`.
         progress: a progress bar over layers while weights are quantized.
 
     Example:
@@ -361,7 +397,7 @@ def quantize_model(
     cfg = _as_config(config)
     run = None if calibrate is None else (lambda: calibrate(unet))
     return _calibrate_and_apply(
-        unet, cfg, run, rounding=rounding, progress=progress,
+        unet, cfg, run, rounding=rounding, rounding_settings=rounding_settings, progress=progress,
         missing_run="pass calibrate=fn where fn(unet) runs the model on representative inputs",
     )
 

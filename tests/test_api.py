@@ -11,6 +11,7 @@ from dq.config import LayerSpec, QuantConfig
 from dq.modules import QConv2d, QLinear, QuantizedLayerMixin
 
 PROMPTS = ["a red circle", "a blue square on a white background", "a small green triangle"]
+ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
 
 
 def _unet_io(pipe, seed=0):
@@ -154,8 +155,10 @@ def test_sdxl_w8a8(tiny_sdxl):
 
 
 def test_learned_rounding_and_unknown_options_are_refused(tiny_sd):
-    with pytest.raises(ValueError, match="rounding='learned' is not available"):
-        dq.quantize(tiny_sd, "w4a16", rounding="learned")
+    with pytest.raises(ValueError, match="learns its rounding and needs calibration"):
+        dq.quantize(tiny_sd, "w4a16", rounding="learned")  # no prompts for the generic recipe
+    with pytest.raises(ValueError, match="rounding="):
+        dq.quantize(tiny_sd, "w4a16", rounding="stochastic")
     with pytest.raises(TypeError):
         dq.quantize(tiny_sd, "w4a16", num_inference_steps=2)  # pipeline args go in calibration=
     with pytest.raises(ValueError, match="unknown keys"):
@@ -207,3 +210,27 @@ def test_recipe_calibration_defaults_are_used_when_none_are_given(monkeypatch):
         dq.quantize(pipe, "w8a8", calib_prompts=["a red circle"], calibration={"num_inference_steps": 3})
     assert seen["sampling"].num_inference_steps == 3
     assert seen["sampling"].guidance_scale == want["guidance_scale"]
+
+
+def test_learned_rounding_in_the_pipeline_path_beats_nearest():
+    from dq import rounding
+    from dq.testing import tiny_sd_pipeline
+
+    pipes = {}
+    for mode in ("nearest", "learned"):
+        pipe = tiny_sd_pipeline(seed=0)
+        pipes[mode] = dq.quantize(pipe, "w4a16", calib_prompts=PROMPTS, progress=False, rounding=mode,
+                                  calibration={"num_inference_steps": 2},
+                                  rounding_settings=rounding.RoundingSettings(iterations=100) if mode == "learned" else None)
+    fp = tiny_sd_pipeline(seed=0).unet
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 32, 32, generator=g)
+    ctx = torch.randn(2, 77, fp.config.cross_attention_dim, generator=g)
+    t = torch.tensor([400, 50])
+    with torch.inference_mode():
+        y = fp(x, t, ctx).sample
+        err = {m: float((p.unet(x, t, ctx).sample - y).pow(2).mean()) for m, p in pipes.items()}
+    assert err["learned"] < err["nearest"]
+    a, b = (pipes[m].unet.get_submodule(f"{ATTN}.attn1.to_q") for m in ("nearest", "learned"))
+    assert not torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)  # rounding moved, scale kept
+    assert b.qweight().on_grid()
