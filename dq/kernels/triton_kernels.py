@@ -62,6 +62,9 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
+from dq.kernels.reference import act_qparams
+from dq.quant import unpack_int4
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -390,8 +393,7 @@ def _as_2d(x: torch.Tensor) -> torch.Tensor:
 def _int_codes(w: torch.Tensor, k: int, offset: int) -> torch.Tensor:
     """int8 [N, K] or packed uint8 [N, ceil(K/2)] -> int32 [N, K] weight values."""
     if w.dtype == torch.uint8:
-        codes = torch.stack((w & 0xF, w >> 4), dim=-1).reshape(w.shape[0], -1)[:, :k]
-        return codes.to(torch.int32) - offset
+        return unpack_int4(w.reshape(w.shape[0], -1))[:, :k].to(torch.int32) - offset
     return w.to(torch.int32)
 
 
@@ -460,11 +462,6 @@ def _device_constant(name: str, device: torch.device, make) -> torch.Tensor:
     return _ON_DEVICE[name, device]
 
 
-def _symmetric_zero_point(device: torch.device) -> torch.Tensor:
-    """0-dim int32 128: symmetric int8 activations on the uint8 engine."""
-    return _device_constant("zp128", device, lambda: torch.tensor(128, dtype=torch.int32))
-
-
 def e4m3_table() -> torch.Tensor:
     """fp32 [256]: the value of every float8_e4m3fn bit pattern (for GPUs before sm_89)."""
     return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
@@ -486,21 +483,20 @@ def _lut_table(lut: torch.Tensor) -> torch.Tensor:
 
 
 def _check_act_params(x_scale, x_zero_point, x: torch.Tensor):
-    """0-dim device tensors (fp32 scale, int32 zero point); None scale = dynamic symmetric int8."""
+    """0-dim device tensors (fp32 scale, int32 zero point); None scale = dynamic symmetric int8
+    (the one rule of `dq.kernels.reference.act_qparams`)."""
     if x_scale is None:
-        # dynamic per-tensor symmetric: s = max|x| / 127, zero point 128 on the uint8 engine
-        x_scale = (x.detach().abs().amax().float() / 127.0).clamp_min(1e-8)
-        x_zero_point = None
-    if x_zero_point is None:
-        x_zero_point = _symmetric_zero_point(x.device)  # symmetric int8
-    x_scale = torch.as_tensor(x_scale, dtype=torch.float32, device=x.device)
-    x_zero_point = torch.as_tensor(x_zero_point, device=x.device).to(torch.int32)
-    if x_scale.numel() != 1 or x_zero_point.numel() != 1:
-        raise ValueError(
-            f"activation scale/zero point must be per-tensor (one element), got shapes "
-            f"{list(x_scale.shape)} / {list(x_zero_point.shape)}; pass 0-dim tensors"
-        )
-    return x_scale.reshape(()), x_zero_point.reshape(())
+        x_zero_point = None  # dynamic: symmetric, zero point 128 on the uint8 engine
+    else:
+        x_scale = torch.as_tensor(x_scale, dtype=torch.float32, device=x.device)
+        if x_zero_point is not None:
+            x_zero_point = torch.as_tensor(x_zero_point, device=x.device)
+        if x_scale.numel() != 1 or (x_zero_point is not None and x_zero_point.numel() != 1):
+            raise ValueError(
+                f"activation scale/zero point must be per-tensor (one element), got shapes "
+                f"{list(x_scale.shape)} / {list(getattr(x_zero_point, 'shape', []))}; pass 0-dim tensors"
+            )
+    return act_qparams(x, x_scale, x_zero_point)
 
 
 def _check_device(x: torch.Tensor, *tensors: torch.Tensor | None) -> None:
