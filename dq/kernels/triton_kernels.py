@@ -487,7 +487,9 @@ def _check_act_params(x_scale, x_zero_point, x: torch.Tensor):
     (the one rule of `dq.kernels.reference.act_qparams`)."""
     if x_scale is None:
         x_zero_point = None  # dynamic: symmetric, zero point 128 on the uint8 engine
-    else:
+    if x_zero_point is None:  # a device constant: no host-to-device copy per call (CUDA graphs)
+        x_zero_point = _device_constant("zp128", x.device, lambda: torch.tensor(128, dtype=torch.int32))
+    if x_scale is not None:
         x_scale = torch.as_tensor(x_scale, dtype=torch.float32, device=x.device)
         if x_zero_point is not None:
             x_zero_point = torch.as_tensor(x_zero_point, device=x.device)
