@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,14 +34,109 @@ def _check_pipe(pipe: Any) -> nn.Module:
     return unet
 
 
-def _as_config(config: str | QuantConfig) -> QuantConfig:
-    if isinstance(config, QuantConfig):
+@dataclasses.dataclass(frozen=True)
+class MixedPrecision:
+    """A mixed-precision target: `dq.quantize` scores every layer (`dq.sensitivity.analyze`,
+    or a given table) and one integer program (`dq.allocate.plan`) picks a format per layer
+    under the budget, among the formats the backend runs fast.
+
+    Args:
+        avg_weight_bits: average weight bits by bytes, scales counted: the plan holds at most
+            the bytes of `avg_weight_bits`-bit codes plus a per-channel fp32 scale per layer
+            (4.0: the bytes of uniform per-channel INT4), e.g. 4.0 or 3.5.
+        weight_bytes: or a budget in weight bytes (codes, scales, zero points).
+        act: activation format of every quantized layer ("uint8"), or None for weight-only.
+        backend: the kernels the plan is allocated for ("cpu": the int8 engine's formats;
+            "any": every candidate).
+        pin_fp: fraction of the most sensitive activation layers kept in float (MixDQ: ~1%).
+        sensitivity: settings of the sensitivity run (candidates, sizes); None for defaults.
+        name: the label saved with the plan.
+
+    Example:
+        >>> pipe = dq.quantize(pipe, dq.MixedPrecision(avg_weight_bits=3.5), calib_prompts=p)
+    """
+
+    avg_weight_bits: float | None = 4.0
+    weight_bytes: int | None = None
+    act: str | None = "uint8"
+    backend: str = "cpu"
+    pin_fp: float = 0.01
+    sensitivity: Any = None
+    name: str = "mixed"
+
+    def __post_init__(self) -> None:
+        if (self.avg_weight_bits is None) == (self.weight_bytes is None):
+            raise ValueError("MixedPrecision needs exactly one of avg_weight_bits= or weight_bytes=")
+        if self.avg_weight_bits is not None and not 1 < float(self.avg_weight_bits) <= 16:
+            raise ValueError(f"avg_weight_bits={self.avg_weight_bits!r}: use a number in (1, 16], e.g. 4.0")
+        if not 0 <= self.pin_fp < 1:
+            raise ValueError(f"pin_fp={self.pin_fp!r}: a fraction in [0, 1), e.g. 0.01")
+
+
+# presets allocated per layer (uniform counterparts keep a name that says so: "w4a8_uniform")
+MIXED_PRESETS: dict[str, MixedPrecision] = {
+    # weights averaging 4 bits by bytes (scales counted), 8-bit activations, BOS-aware
+    "w4a8": MixedPrecision(avg_weight_bits=4.0, act="uint8", name="w4a8"),
+}
+
+
+def _as_config(config: str | QuantConfig | MixedPrecision) -> QuantConfig | MixedPrecision:
+    if isinstance(config, QuantConfig | MixedPrecision):
         return config
     if isinstance(config, str):
+        key = config.lower().replace("-", "_")
+        if key in MIXED_PRESETS:
+            return MIXED_PRESETS[key]
         return QuantConfig.from_preset(config)
     raise ValueError(
-        f"config must be a preset name (e.g. 'w8a8') or a dq.QuantConfig, got {type(config).__name__}"
+        "config must be a preset name (e.g. 'w8a8'), a dq.QuantConfig or a dq.MixedPrecision, "
+        f"got {type(config).__name__}"
     )
+
+
+# sensitivity tables computed in this process, by (model fingerprint, settings): a second
+# dq.quantize at another budget does no sensitivity work
+_TABLES: dict[tuple[str, str], Any] = {}
+
+
+def _budget_bytes(table, target: MixedPrecision) -> float:
+    """The weight-byte budget: given, or `avg_weight_bits` by bytes with scales counted, i.e.
+    what every table layer would hold at that many bits per weight plus one fp32 scale per
+    output channel (and the activation parameters when activations are quantized)."""
+    if target.weight_bytes is not None:
+        return float(target.weight_bytes)
+    act = 8 if target.act is not None else 0
+    return float(sum(info["numel"] * target.avg_weight_bits / 8 + info["shape"][0] * 4 + act
+                     for info in table.layers.values()))
+
+
+def _allocated_config(pipe, target: MixedPrecision, prompts, sampling, table, cache_dir, progress) -> QuantConfig:
+    from dq import allocate
+    from dq import sensitivity as S
+
+    if table is None:
+        if prompts is None:
+            raise ValueError(
+                f"{target.name!r} allocates formats per layer from a sensitivity analysis: pass "
+                "calib_prompts=[...] (or sensitivity=<a SensitivityTable>)"
+            )
+        settings = target.sensitivity or S.SensitivitySettings(sampling=sampling)
+        key = (S.model_fingerprint(pipe.unet), json.dumps(
+            {"s": repr(settings), "p": list(prompts)}, sort_keys=True))
+        table = _TABLES.get(key)
+        if table is None:
+            table = S.analyze(pipe, prompts, settings=settings, cache_dir=cache_dir, progress=progress)
+            _TABLES[key] = table
+    elif isinstance(table, str | os.PathLike):
+        table = S.SensitivityTable.from_json(Path(table).read_text())
+    if table.model != S.model_fingerprint(pipe.unet):
+        raise ValueError(
+            "the sensitivity table was computed on another model (its fingerprint differs); "
+            "analyze this pipeline's UNet or drop sensitivity="
+        )
+    budget = allocate.Budget(weight_bytes=_budget_bytes(table, target))
+    cfg = allocate.plan(table, budget, backend=target.backend, act=target.act, pin_fp=target.pin_fp)
+    return dataclasses.replace(cfg, name=f"{target.name} ({cfg.name})")
 
 
 def quantizable_layers(unet: nn.Module) -> dict[str, nn.Module]:
@@ -275,6 +373,8 @@ def quantize(
     calibration: Sampling | Mapping[str, Any] | None = None,
     rounding: str = "nearest",
     rounding_settings: Any = None,
+    sensitivity: Any = None,
+    sensitivity_cache: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Any:
     """Quantize a diffusers pipeline's UNet in place and return the pipeline.
@@ -285,7 +385,8 @@ def quantize(
 
     Args:
         pipe: a diffusers pipeline with a `unet` (StableDiffusionPipeline, SDXL, ...).
-        config: a preset name ("w8a8", "w4a16", "w4a8", "w8a16", "fp8", "fp4") or a QuantConfig.
+        config: a preset name ("w8a8", "w4a8" (mixed precision), "w4a8_uniform", "w4a16",
+            "w8a16", "fp8", "fp4"), a QuantConfig, or a `MixedPrecision` target.
         calib_prompts: prompts for calibration; None takes the model recipe's prompt set
             (`dq.recipes`: dq's shipped captions for SD/SDXL families, the embedded world's own
             captions for the embedded pipeline); unknown models must pass prompts when
@@ -300,6 +401,10 @@ def quantize(
             balanced across timesteps; needs calibration prompts, also for weight-only configs).
         rounding_settings: a `dq.rounding.RoundingSettings` for rounding="learned"
             (iterations, regulariser, ...); None for its defaults.
+        sensitivity: for mixed precision, a `dq.sensitivity.SensitivityTable` (or its JSON
+            file) to allocate from instead of analysing; tables computed here are kept for the
+            process, so a second call at another budget does no sensitivity work.
+        sensitivity_cache: folder caching the sensitivity run on disk (resumable).
         progress: show progress bars.
 
     Example:
@@ -318,6 +423,10 @@ def quantize(
     elif recipe.name != "generic":  # a known model family ships a calibration prompt set
         n = recipe.calibration.num_prompts
         calib_prompts = recipes.calibration_prompts(recipe)[:n]
+    if isinstance(cfg, MixedPrecision):
+        cfg = _allocated_config(pipe, cfg, calib_prompts, sampling, sensitivity, sensitivity_cache, progress)
+    elif sensitivity is not None or sensitivity_cache is not None:
+        raise ValueError("sensitivity= and sensitivity_cache= apply to mixed-precision configs only")
     run = None
     if calib_prompts is not None:
         def run():
@@ -395,6 +504,11 @@ def quantize_model(
         >>> dq.quantize_model(unet, "w8a8", calibrate=lambda m: m(x, t, ctx))
     """
     cfg = _as_config(config)
+    if isinstance(cfg, MixedPrecision):
+        raise ValueError(
+            f"{cfg.name!r} is mixed precision, allocated from image-level sensitivity: use "
+            "dq.quantize(pipe, ...) with the pipeline, or pass the allocated QuantConfig here"
+        )
     run = None if calibrate is None else (lambda: calibrate(unet))
     return _calibrate_and_apply(
         unet, cfg, run, rounding=rounding, rounding_settings=rounding_settings, progress=progress,

@@ -15,9 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -155,7 +157,11 @@ class QuantConfig:
     Args:
         default: spec applied to every quantizable layer not named in `layers`.
         layers: per-layer plan `{name: LayerSpec | None}`; None keeps that layer in float.
-        skip: glob patterns (fnmatch on the layer name) of layers kept in float.
+        skip: patterns of layers kept in float: a glob (`*`, `?` or `[`, fnmatch on the whole
+            name, e.g. "down_blocks.*.attn1.*") or, as diffusers' `modules_to_not_convert`, a
+            plain name matching every layer at or under a module of that name ("to_k" keeps
+            every `...to_k`, "attn2" every layer inside an `attn2`, "conv_in" the layer itself).
+            A single string is one pattern.
         components: pipeline components to quantize (currently "unet").
         bos_aware: keep the BOS token's cross-attention key/value path in full precision.
         name: a label, e.g. the preset name.
@@ -170,7 +176,7 @@ class QuantConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "skip", _skip_patterns(self.skip))
         object.__setattr__(self, "components", tuple(self.components))
         for k, v in self.layers.items():
             if v is not None and not isinstance(v, LayerSpec):
@@ -188,12 +194,27 @@ class QuantConfig:
             )
 
     def spec_for(self, name: str) -> LayerSpec | None:
-        """The spec for layer `name` (None means keep it in full precision)."""
+        """The spec for layer `name` (None means keep it in full precision).
+
+        A spec from `layers` comes back marked as an explicit plan entry for `name` (see
+        `explicit_layer`): shape resolution then refuses to adapt it, where the default may
+        fall back (e.g. to per-channel scales when a group size does not divide the inputs).
+        """
         if name in self.layers:
-            return self.layers[name]
-        if any(fnmatch.fnmatchcase(name, p) for p in self.skip):
+            spec = self.layers[name]
+            return None if spec is None else _mark_explicit(spec, name)
+        if self.is_skipped(name):
             return None
         return self.default
+
+    def is_skipped(self, name: str) -> bool:
+        """Whether layer `name` matches a skip pattern (see `skip`)."""
+        return any(skip_matches(p, name) for p in self.skip)
+
+    def unmatched_skips(self, names: Iterable[str]) -> list[str]:
+        """The skip patterns matching none of `names` (the model's quantizable layers)."""
+        names = list(names)
+        return [p for p in self.skip if not any(skip_matches(p, n) for n in names)]
 
     @property
     def needs_activation_calibration(self) -> bool:
@@ -244,7 +265,7 @@ class QuantConfig:
                 k: (None if v is None else LayerSpec.from_dict(v))
                 for k, v in d.get("layers", {}).items()
             },
-            skip=tuple(d.get("skip", DEFAULT_SKIP)),
+            skip=d.get("skip", DEFAULT_SKIP),
             components=tuple(d.get("components", ("unet",))),
             bos_aware=bool(d.get("bos_aware", True)),
             name=str(d.get("name", "custom")),
@@ -262,12 +283,75 @@ class QuantConfig:
     def from_preset(cls, name: str) -> QuantConfig:
         """A named preset; see `PRESETS` for the list."""
         key = name.lower().replace("-", "_")
+        if key in MIXED_PRESET_NAMES:
+            raise ValueError(
+                f"{name!r} is a mixed-precision preset: dq.quantize(pipe, {name!r}, ...) allocates a "
+                "format per layer from a sensitivity table, so it is not one QuantConfig; for "
+                f"uniform weights use {key + '_uniform'!r}"
+            )
         if key not in PRESETS:
             raise ValueError(
                 f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or pass a QuantConfig"
             )
         default, doc = PRESETS[key]
         return cls(default=default, name=key)
+
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def skip_matches(pattern: str, name: str) -> bool:
+    """Whether skip `pattern` matches layer `name`: a glob matches the whole name (fnmatch); a
+    plain name matches as a run of whole dotted components ("to_k" and "attn2.to_k" match
+    "up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", "attn2" every layer inside an
+    attn2, but "to" matches nothing there).
+
+    Example:
+        >>> skip_matches("to_k", "mid_block.attentions.0.transformer_blocks.0.attn1.to_k")
+        True
+        >>> skip_matches("down_blocks.*.conv1", "down_blocks.0.resnets.0.conv1")
+        True
+    """
+    if _GLOB_CHARS & set(pattern):
+        return fnmatch.fnmatchcase(name, pattern)
+    return f".{pattern}." in f".{name}."
+
+
+def _skip_patterns(skip: Any) -> tuple[str, ...]:
+    if isinstance(skip, str):
+        return (skip,)  # one pattern, not its characters
+    if skip is None:
+        return ()
+    try:
+        patterns = tuple(skip)
+    except TypeError:
+        raise ValueError(
+            f"skip must be a layer-name pattern or a list of them, got {type(skip).__name__}"
+        ) from None
+    bad = [p for p in patterns if not isinstance(p, str) or not p.strip(".")]
+    if bad:
+        raise ValueError(
+            f"skip patterns must be non-empty strings (layer names or globs such as "
+            f"'down_blocks.*.attn1.*'), got {bad[0]!r}"
+        )
+    return patterns
+
+
+# Specs returned by `QuantConfig.spec_for` for explicit plan entries carry the layer name here
+# (not a dataclass field: equality, hashing and JSON are unchanged).
+_EXPLICIT_ATTR = "_dq_explicit_layer"
+
+
+def _mark_explicit(spec: LayerSpec, name: str) -> LayerSpec:
+    marked = copy.copy(spec)
+    object.__setattr__(marked, _EXPLICIT_ATTR, name)
+    return marked
+
+
+def explicit_layer(spec: LayerSpec) -> str | None:
+    """The layer name if `spec` came from an explicit plan entry (`QuantConfig.layers`), else
+    None (a default or a bare spec)."""
+    return getattr(spec, _EXPLICIT_ATTR, None)
 
 
 def _register_formats(defs: Any) -> None:
@@ -290,6 +374,9 @@ def _register_formats(defs: Any) -> None:
         formats.register(fmt)
 
 
+# presets whose formats are allocated per layer by dq.quantize (dq.api.MIXED_PRESETS)
+MIXED_PRESET_NAMES = ("w4a8",)
+
 # name -> (default LayerSpec, one-line description)
 PRESETS: dict[str, tuple[LayerSpec, str]] = {
     # int8 per-channel weights, uint8 per-tensor static activations: the fast CPU/GPU path.
@@ -305,8 +392,11 @@ PRESETS: dict[str, tuple[LayerSpec, str]] = {
     "w7a8": (LayerSpec("int7", "channel", act="uint8"), "INT7 weights, INT8 activations"),
     # int4 weights (groups of 64 inputs), float activations: about 4x smaller weights
     "w4a16": (LayerSpec("int4", "group64", "mse"), "INT4 weight-only, group 64"),
-    # int4 per-channel weights with uint8 activations
-    "w4a8": (LayerSpec("int4", "channel", "mse", act="uint8"), "INT4 weights, INT8 activations"),
+    # uniform int4 per-channel weights with uint8 activations ("w4a8" itself is mixed precision:
+    # dq.quantize allocates formats per layer, see dq.api.MIXED_PRESETS)
+    "w4a8_uniform": (
+        LayerSpec("int4", "channel", "mse", act="uint8"), "uniform INT4 weights, INT8 activations",
+    ),
     # int8 per-channel weight-only
     "w8a16": (LayerSpec("int8", "channel"), "INT8 weight-only"),
     # OCP E4M3 weights per channel, float activations

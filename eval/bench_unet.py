@@ -40,7 +40,7 @@ from dq import recipes
 class Settings:
     models: tuple[str, ...] = ("sd15", "embedded", "embedded-pipeline")  # also "tiny"
     configs: tuple[str, ...] = (
-        "fp32", "dq-w8a8", "dq-w8a8-full", "dq-w7a8", "dq-w4a8", "dq-w4a16", "dq-fp8",
+        "fp32", "dq-w8a8", "dq-w8a8-full", "dq-w7a8", "dq-w4a8-uniform", "dq-w4a16", "dq-fp8",
         "torchao-int8-dynamic", "torchao-int8-weight-only", "quanto-w8a8",
     )
     sd15_latent: int = 32  # latent side for the SD 1.5 UNet: 256 px images, ~2-3 s per fp32 forward here

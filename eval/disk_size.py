@@ -211,7 +211,7 @@ def report(rows: dict[str, dict[str, int]], s: Settings) -> None:
             b = sum(base.values()) if c == "total" else base[c]
             cells.append(f"{v / mb:10.1f} ({v / b:5.3f}x)")
         print(f"{c:<14}" + "".join(f"{x:>22}" for x in cells))
-    four_bit = [n for n in rows if n in ("w4a16", "w4a8", "fp4")]
+    four_bit = [n for n in rows if n in ("w4a16", "w4a8_uniform", "fp4")]
     for n in four_bit:
         r = rows[n]["unet"] / base["unet"]
         verdict = "PASS" if r <= s.goal_4bit else "FAIL"

@@ -74,7 +74,7 @@ def test_w4a16_unet_bytes_at_most_035_of_fp16():
     assert q_bytes <= 0.35 * fp16_bytes, q_bytes / fp16_bytes
 
 
-@pytest.mark.parametrize("preset", ["w4a16", "fp8", "w8a16", "fp4", "w4a8"])
+@pytest.mark.parametrize("preset", ["w4a16", "fp8", "w8a16", "fp4", "w4a8_uniform"])
 def test_presets_run_and_stay_close(fresh_tiny_sd, preset):
     pipe = fresh_tiny_sd
     x, t, ctx = _unet_io(pipe)
@@ -234,3 +234,41 @@ def test_learned_rounding_in_the_pipeline_path_beats_nearest():
     a, b = (pipes[m].unet.get_submodule(f"{ATTN}.attn1.to_q") for m in ("nearest", "learned"))
     assert not torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)  # rounding moved, scale kept
     assert b.qweight().on_grid()
+
+
+def test_w4a8_is_mixed_precision_allocated_under_the_byte_budget(monkeypatch):
+    import dq.sensitivity as S
+    from dq.generate import Sampling
+    from dq.storage import spec_nbytes
+    from dq.testing import tiny_sd_pipeline
+
+    small = S.SensitivitySettings(
+        weight_candidates=("int4", "int8", "fp4_e2m1"), act_candidates=("uint8",), num_images=2,
+        num_unet_calls=2, sampling=Sampling(num_inference_steps=2, guidance_scale=2.0, batch_size=3))
+    calls = {"n": 0}
+    real = S.analyze
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "analyze", counting)
+    results = {}
+    for bits in (4.0, 5.0):
+        pipe = tiny_sd_pipeline(seed=0)
+        target = dq.MixedPrecision(avg_weight_bits=bits, sensitivity=small, name="w4a8")
+        dq.quantize(pipe, target, calib_prompts=PROMPTS, progress=False,
+                    calibration={"num_inference_steps": 2, "guidance_scale": 2.0})
+        q = {n: m for n, m in pipe.unet.named_modules() if isinstance(m, QuantizedLayerMixin)}
+        held = sum(m.quant_weight_nbytes() for m in q.values())
+        uniform = sum(spec_nbytes(LayerSpec("int4", "channel", act="uint8"), m.weight_shape) for m in q.values())
+        results[bits] = (held, uniform, {m.spec.weight for m in q.values()})
+        assert all(m.spec.act == "uint8" or m.spec.act is None for m in q.values())
+    held, uniform, used = results[4.0]
+    assert held <= uniform * 1.0001 and len(used) >= 2  # mixed, within uniform INT4's bytes
+    assert results[5.0][0] > held  # a larger budget buys more bytes
+    assert calls["n"] == 1  # the second budget reused the table
+    with pytest.raises(ValueError, match="mixed-precision preset"):
+        QuantConfig.from_preset("w4a8")
+    with pytest.raises(ValueError, match="calib_prompts"):
+        dq.quantize(tiny_sd_pipeline(seed=0), "w4a8")

@@ -89,7 +89,7 @@ def test_float_model_restored_exactly_also_after_an_exception(calibrated):
     unet = pipe.unet
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     modules = dict(unet.named_modules())
-    plan = resolve_plan(unet, QuantConfig.from_preset("w4a8"))
+    plan = resolve_plan(unet, QuantConfig.from_preset("w4a8_uniform"))
     with pytest.raises(RuntimeError, match="boom"):
         with fake_quantized(unet, plan, ranges):
             raise RuntimeError("boom")
