@@ -9,7 +9,14 @@ __version__ = "0.1.0"
 
 from dq import formats  # noqa: E402
 from dq import kernels as kernels  # noqa: E402  (registers the torch.ops.dq operators)
-from dq.api import MixedPrecision, apply_plan, quantizable_layers, quantize, quantize_model, resolve_plan  # noqa: E402
+from dq.api import (  # noqa: E402
+    MixedPrecision,
+    apply_plan,
+    quantizable_layers,
+    quantize,
+    quantize_model,
+    resolve_plan,
+)
 from dq.config import PRESETS, LayerSpec, QuantConfig  # noqa: E402
 from dq.generate import Sampling, generate  # noqa: E402
 from dq.quant import QWeight, quantize_weight  # noqa: E402
