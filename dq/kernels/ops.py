@@ -660,3 +660,104 @@ def _(
     )
     out = _conv_out_shape(x, weight_shape, stride, padding, dilation)
     return x.new_empty(out).contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- autograd
+#
+# Gradients flow to the input x only (the quantized base is frozen, as in QLoRA-style
+# training): dy/dx of the dequantized weight, with a straight-through estimator for the
+# activation rounding (an identity inside the calibrated range, zero where the input clipped).
+# Asking for a gradient of the codes, scales or bias gives a clear error.
+
+_CODE_ARGS = ("w", "qdata", "w_scale", "scale", "zero_point", "bias", "x_scale", "x_zero_point", "lut")
+
+
+def _no_grad_for_codes(op: str, inputs: tuple, names: tuple[str, ...]) -> None:
+    for name, t in zip(names, inputs, strict=False):
+        if name in _CODE_ARGS and isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(
+                f"dq.{op}: {name} requires grad, but quantized codes, scales and biases are "
+                "frozen; train float parameters beside them (e.g. LoRA) or dequantize the layer"
+            )
+
+
+def _act_mask(x, x_scale, x_zero_point) -> torch.Tensor | None:
+    """Straight-through mask: 1 where the activation lies inside its uint8 range."""
+    if x_scale is None:
+        return None
+    s, zp = reference.act_qparams(x, x_scale, x_zero_point)
+    q = torch.round(x.float() / s) + zp.float()
+    return ((q >= 0) & (q <= 255)).to(x.dtype)
+
+
+def _setup_w8a8(ctx, inputs, output):
+    names = ("x", "w", "w_scale", "bias", "x_scale", "x_zero_point")
+    _no_grad_for_codes("linear_w8a8", inputs, names)
+    x, w, w_scale, _, x_scale, x_zp = inputs
+    ctx.save_for_backward(x, w, w_scale, x_scale, x_zp)
+
+
+def _backward_linear_w8a8(ctx, grad):
+    x, w, w_scale, x_scale, x_zp = ctx.saved_tensors
+    wf = reference.w8a8_weight(w, w_scale, x.shape[-1])  # [N, K] fp32
+    gx = (grad.float() @ wf).to(x.dtype)
+    mask = _act_mask(x, x_scale, x_zp)
+    return (gx if mask is None else gx * mask), None, None, None, None, None
+
+
+def _setup_wonly(ctx, inputs, output):
+    names = ("x", "qdata", "scale", "zero_point", "bias", "lut")
+    _no_grad_for_codes("linear_wonly", inputs, names)
+    x, qdata, scale, zero_point, _, lut, bits, _ = inputs
+    ctx.bits = bits
+    ctx.save_for_backward(x, qdata, scale, zero_point, lut)
+
+
+def _backward_linear_wonly(ctx, grad):
+    x, qdata, scale, zero_point, lut = ctx.saved_tensors
+    wf = reference.dequantize_weight(qdata, scale, zero_point, lut, ctx.bits, x.shape[-1])
+    return (grad.float() @ wf).to(x.dtype), None, None, None, None, None, None, None
+
+
+def _setup_conv_w8a8(ctx, inputs, output):
+    names = ("x", "w", "w_scale", "bias", "x_scale", "x_zero_point")
+    _no_grad_for_codes("conv2d_w8a8", inputs, names)
+    x, w, w_scale, _, x_scale, x_zp, stride, padding, dilation, groups, weight_shape = inputs
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.shape = list(w.shape) if w.dim() == 4 else list(weight_shape)
+    ctx.save_for_backward(x, w, w_scale, x_scale, x_zp)
+
+
+def _backward_conv_w8a8(ctx, grad):
+    x, w, w_scale, x_scale, x_zp = ctx.saved_tensors
+    shape = ctx.shape
+    wf = reference.w8a8_weight(w, w_scale, shape[1] * shape[2] * shape[3]).reshape(shape)
+    stride, padding, dilation, groups = ctx.conv
+    gx = torch.nn.grad.conv2d_input(x.shape, wf, grad.float(), stride, padding, dilation, groups)
+    mask = _act_mask(x, x_scale, x_zp)
+    gx = gx.to(x.dtype)
+    return (gx if mask is None else gx * mask), *([None] * 10)
+
+
+def _setup_conv_wonly(ctx, inputs, output):
+    names = ("x", "qdata", "scale", "zero_point", "bias", "lut")
+    _no_grad_for_codes("conv2d_wonly", inputs, names)
+    x, qdata, scale, zero_point, _, lut, weight_shape, stride, padding, dilation, groups, bits, _ = inputs
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.shape, ctx.bits = list(weight_shape), bits
+    ctx.save_for_backward(x, qdata, scale, zero_point, lut)
+
+
+def _backward_conv_wonly(ctx, grad):
+    x, qdata, scale, zero_point, lut = ctx.saved_tensors
+    o, cg, kh, kw = ctx.shape
+    wf = reference.dequantize_weight(qdata.reshape(o, -1), scale, zero_point, lut, ctx.bits, cg * kh * kw)
+    stride, padding, dilation, groups = ctx.conv
+    gx = torch.nn.grad.conv2d_input(x.shape, wf.reshape(ctx.shape), grad.float(), stride, padding, dilation, groups)
+    return gx.to(x.dtype), *([None] * 12)
+
+
+linear_w8a8.register_autograd(_backward_linear_w8a8, setup_context=_setup_w8a8)
+linear_wonly.register_autograd(_backward_linear_wonly, setup_context=_setup_wonly)
+conv2d_w8a8.register_autograd(_backward_conv_w8a8, setup_context=_setup_conv_w8a8)
+conv2d_wonly.register_autograd(_backward_conv_wonly, setup_context=_setup_conv_wonly)
