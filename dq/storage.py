@@ -137,10 +137,27 @@ def qdata_like(fmt: str | Format, out: int, k: int, device: Any = None) -> torch
 
 
 def resolve_spec(spec, weight_shape: torch.Size | tuple[int, ...]):
-    """Adapt a spec to a layer's shape: a group size that does not divide the layer's inputs
-    falls back to per-channel scales (recorded in the plan, so save/load is exact)."""
+    """Adapt a default spec to a layer's shape: a group size that does not divide the layer's
+    inputs falls back to per-channel scales (recorded in the plan, so save/load is exact).
+
+    A spec from an explicit plan entry (`QuantConfig.spec_for` marks those, see
+    `dq.config.explicit_layer`) is never adapted: a group size that does not divide that
+    layer's inputs is a ValueError naming the layer, since silently storing another
+    granularity than the one asked for would change the model without a word.
+    """
     k = math.prod(tuple(weight_shape)[1:])
     if spec.group_size and k % spec.group_size:
+        # set by QuantConfig.spec_for on explicit plan entries (dq.config.explicit_layer);
+        # read by name here because imports point down (storage <- config)
+        layer = getattr(spec, "_dq_explicit_layer", None)
+        if layer is not None:
+            divisors = [g for g in (16, 32, 64, 128) if k % g == 0]
+            hint = f"group{divisors[-1]}" if divisors else "'channel'"
+            raise ValueError(
+                f"the plan gives layer {layer!r} {spec.weight_granularity}, but group size "
+                f"{spec.group_size} does not divide its {k} inputs per output channel; use a "
+                f"group size that divides {k} (e.g. {hint}) or 'channel' for this layer"
+            )
         spec = replace(spec, weight_granularity="channel")
     return spec
 
