@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -71,9 +72,13 @@ __all__ = [
     "DQQuantizer",
     "attach_quantization_config",
     "bind_atomic_save",
+    "check_plan_digest",
+    "check_save_target",
     "check_saved",
     "extra_buffers",
     "load",
+    "plan_digest",
+    "record_calibration",
     "register",
     "register_constant",
     "save_pretrained",
@@ -93,7 +98,10 @@ STANDARD_TENSORS = frozenset(
 )
 
 _META_FORMAT = "dq_format_version"  # safetensors header metadata keys
-_META_CHECKSUMS = "dq_checksums"
+_META_CHECKSUMS = "dq_checksums"  # CRC-32 of every tensor
+_META_PLAN = "dq_plan_sha256"  # sha256 of the canonical plan JSON (plan + extra_buffers)
+_META_PLAN_PARTS = "dq_plan_parts"  # CRC-32 per plan entry, to name what an edit changed
+_META_CALIBRATION = "dq_calibration"  # what the model was calibrated with (JSON), if recorded
 
 # safetensors dtype names <-> torch dtypes (for header checks without reading tensor data)
 _ST_DTYPES: dict[str, torch.dtype] = {
@@ -381,6 +389,7 @@ class DQQuantizer(DiffusersQuantizer):
             )
         self._files: list[str] = []
         self._header: dict[str, tuple[tuple[int, ...], str, str]] = {}
+        self._meta: dict[str, str] = {}
         self._checksums: dict[str, int] | None = None
 
     # -- properties diffusers asks for --
@@ -397,6 +406,8 @@ class DQQuantizer(DiffusersQuantizer):
         return True
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if "torch_dtype" in kwargs:  # the first call, before diffusers picks and reads a file
+            _precheck_caller_folder()
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError(
@@ -414,18 +425,25 @@ class DQQuantizer(DiffusersQuantizer):
                 "remove safe_serialization=False"
             )
         sums = {k: _crc32(v) for k, v in state_dict.items()}
+        qc = self.quantization_config.to_dict()  # refreshes extra_buffers from the bound model
         meta = {
             _META_FORMAT: str(FORMAT_VERSION),
             _META_CHECKSUMS: json.dumps(sums, sort_keys=True),
+            _META_PLAN: plan_digest(qc["plan"], qc["extra_buffers"]),
+            _META_PLAN_PARTS: json.dumps(_plan_parts(qc["plan"], qc["extra_buffers"]), sort_keys=True),
         }
+        model = self.quantization_config._model_ref() if self.quantization_config._model_ref else None
+        calibration = getattr(model, "_dq_calibration", None)
+        if calibration:
+            meta[_META_CALIBRATION] = json.dumps(calibration, sort_keys=True, default=str)
         return state_dict, meta
 
     # -- load, in the order diffusers calls them --
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list) -> list[str]:
         files = [f for f in checkpoint_files if not isinstance(f, dict)]
         self._files = [str(f) for f in files]
-        self._header, meta = read_safetensors_headers(self._files)
-        self._checksums = _parse_checksums(meta, self._files)
+        self._header, self._meta = read_safetensors_headers(self._files)
+        self._checksums = _parse_checksums(self._meta, self._files)
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -472,6 +490,9 @@ class DQQuantizer(DiffusersQuantizer):
     ) -> list[str]:
         if self._header:
             _check_plan_matches_tensors(model, self._header, self._files)
+            # after the tensor check, whose messages are more precise where shapes differ
+            qc = self.quantization_config
+            check_plan_digest(qc.plan, qc.extra_buffers, self._meta, self._files)
         return missing_keys
 
     def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -547,6 +568,9 @@ class DQQuantizer(DiffusersQuantizer):
             )
         self.quantization_config._bind(model)
         model._dq_config = self.quantization_config.quant_config
+        calibration = _parse_calibration(self._meta)
+        if calibration is not None:
+            model._dq_calibration = calibration
         if hasattr(model, "register_to_config"):
             model.register_to_config(quantization_config=self.quantization_config)
         return model
@@ -686,6 +710,161 @@ def read_safetensors_headers(
             f"understands ({FORMAT_VERSION}); upgrade dq (pip install -U dq)"
         )
     return header, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan integrity: the plan in config.json against the digest written with the tensors
+# ----------------------------------------------------------------------------------------------
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def plan_digest(plan: dict[str, Any], extra: dict[str, list[str]] | None = None) -> str:
+    """sha256 (hex) of the canonical JSON of a normalised plan (`QuantConfig.to_dict()`) and
+    its extra buffers: what the safetensors headers record, so an edited plan is refused.
+
+    The plan is normalised on reading (`QuantConfig.from_dict(...).to_dict()`), so an older
+    layout of the same plan (version 1) has the same digest.
+    """
+    return hashlib.sha256(_canonical({"plan": plan, "extra_buffers": extra or {}})).hexdigest()
+
+
+def _plan_parts(plan: dict[str, Any], extra: dict[str, list[str]]) -> dict[str, int]:
+    """CRC-32 of each plan entry ("layers.<name>", every other plan key, "extra_buffers")."""
+    parts = {f"layers.{k}": zlib.crc32(_canonical(v)) for k, v in plan.get("layers", {}).items()}
+    parts.update({k: zlib.crc32(_canonical(v)) for k, v in plan.items() if k != "layers"})
+    parts["extra_buffers"] = zlib.crc32(_canonical(extra))
+    return parts
+
+
+def check_plan_digest(
+    plan: dict[str, Any], extra: dict[str, list[str]], meta: dict[str, str], files: list[str]
+) -> None:
+    """Raise ValueError when the plan read from config.json is not the one the tensors were
+    saved with. Folders written before dq recorded the digest (no key) pass unchecked."""
+    saved = meta.get(_META_PLAN)
+    if saved is None:
+        return
+    if saved == plan_digest(plan, extra):
+        return
+    changed: list[str] = []
+    try:
+        before = {str(k): int(v) for k, v in json.loads(meta.get(_META_PLAN_PARTS, "{}")).items()}
+    except (ValueError, TypeError, AttributeError):
+        before = {}
+    now = _plan_parts(plan, extra)
+    for key in sorted(set(before) | set(now), key=lambda k: (not k.startswith("layers."), k)):
+        if before.get(key) == now.get(key):
+            continue
+        if key.startswith("layers."):
+            layer = key[len("layers."):]
+            spec = plan.get("layers", {}).get(layer, "absent")
+            what = "float" if spec is None else spec if isinstance(spec, str) else (
+                f"{spec.get('weight')}/{spec.get('weight_granularity')}, act={spec.get('act')}"
+            )
+            changed.append(f"layer {layer!r} (config.json now says {what})")
+        else:
+            changed.append(f"the plan's {key!r}")
+    detail = f": {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}" if changed else ""
+    raise ValueError(
+        f"the dq plan in config.json is not the plan {_short(files)} was saved with "
+        f"(its checksum differs{detail}). The plan was edited after saving; with another "
+        "format of the same storage the codes would be decoded wrongly. Restore the original "
+        "config.json, or quantize and save the pipeline again with dq"
+    )
+
+
+def _parse_calibration(meta: dict[str, str]) -> dict[str, Any] | None:
+    raw = meta.get(_META_CALIBRATION)
+    if raw is None:
+        return None
+    try:
+        d = json.loads(raw)
+    except ValueError:
+        return None  # informational only: never a reason to refuse a load
+    return d if isinstance(d, dict) else None
+
+
+def record_calibration(model: nn.Module, info: dict[str, Any]) -> None:
+    """Record what `model` was calibrated with (prompt count, sampling settings, ...); the next
+    save writes it into the safetensors metadata and `dq inspect` shows it.
+
+    Args:
+        model: the quantized model (e.g. `pipe.unet`).
+        info: JSON-ready facts, e.g. {"num_prompts": 32, "sampling": Sampling(...).to_dict()}.
+    """
+    json.dumps(info, default=str)  # fail now, not at save time
+    model._dq_calibration = dict(info)
+
+
+# ----------------------------------------------------------------------------------------------
+# Before diffusers reads a weights file: no pickle, clear messages for damaged files
+# ----------------------------------------------------------------------------------------------
+
+_SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _with_variant(name: str, variant: str | None) -> str:
+    if not variant:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}.{variant}{dot}{ext}"
+
+
+def _caller_load_args() -> tuple[Any, str | None, str | None] | None:
+    """(pretrained_model_name_or_path, subfolder, variant) of the `ModelMixin.from_pretrained`
+    call that is building this quantizer, read from its frame; None when not found (another
+    caller, or a diffusers whose locals are named otherwise: the later header checks remain)."""
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            loc = frame.f_locals
+            if frame.f_code.co_name == "from_pretrained" and "pretrained_model_name_or_path" in loc:
+                return (
+                    loc["pretrained_model_name_or_path"],
+                    loc.get("subfolder"),
+                    loc.get("variant"),
+                )
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _precheck_caller_folder() -> None:
+    """For a local folder being loaded by diffusers: refuse a dq component without safetensors
+    weights (diffusers would fall back to `torch.load` on a pickle .bin) and read the headers
+    of the files it will load, so a truncated file gets dq's message, not a generic one."""
+    args = _caller_load_args()
+    if args is None or not isinstance(args[0], str | os.PathLike):
+        return
+    root, subfolder, variant = args
+    folder = Path(root) / (subfolder or "")
+    if not folder.is_dir():
+        return  # a hub id: the fetched files are checked in maybe_update_loaded_keys
+    single = folder / _with_variant(_SAFE_WEIGHTS, variant)
+    index = folder / f"{_with_variant(_SAFE_WEIGHTS, variant)}.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        files = sorted({str(folder / f) for f in weight_map.values()}) if isinstance(weight_map, dict) else []
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing or not files:
+            raise ValueError(
+                f"{index} lists weight files that are not in {folder} ({missing[:3] or 'none'}); "
+                "the folder is incomplete: re-download it or save the quantized pipeline again"
+            )
+    elif single.is_file():
+        files = [str(single)]
+    else:
+        found = sorted(p.name for p in folder.iterdir() if p.is_file())
+        raise ValueError(
+            f"{folder} is quantized by dq but holds no {single.name} (found {found}); dq loads "
+            "safetensors only and never unpickles a .bin. Save the quantized pipeline again "
+            "with dq (it writes safetensors)"
+        )
+    read_safetensors_headers(files)
 
 
 def _parse_checksums(meta: dict[str, str], files: list[str]) -> dict[str, int] | None:
@@ -887,27 +1066,91 @@ def _recover(target: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def _carry_over(old: Path, new: Path) -> None:
-    """Entries of the old folder the new save did not write (README.md, .git, ...) are kept,
-    as diffusers' in-place save keeps them: hard-linked (copied where links fail), so the old
-    folder stays intact until the swap."""
+# Weights files of a model folder, as diffusers and transformers name them (variants, shards
+# and shard indexes included). A save replaces a component's weights as a set: a stale shard
+# index or variant left beside new weights would load the old model.
+_WEIGHTS_RE = re.compile(
+    r"^(diffusion_pytorch_model|model|pytorch_model)(\.[A-Za-z0-9_]+)?(-\d{5}-of-\d{5})?"
+    r"\.(safetensors|bin)(\.index(\.[A-Za-z0-9_]+)?\.json)?$"
+)
+MANIFEST = ".dq-manifest.json"  # written by every dq save: the files that save wrote
 
-    def link(src: str, dst: str) -> None:
+
+def _read_manifest(folder: Path) -> set[str] | None:
+    """The files the previous dq save wrote into `folder` (relative POSIX paths), or None where
+    dq's manifest is missing or unreadable."""
+    try:
+        d = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        files = d["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {f for f in files if isinstance(f, str)} if isinstance(files, list) else None
+
+
+def _write_manifest(folder: Path) -> list[str]:
+    files = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if (p.is_file() or p.is_symlink()) and p.name != MANIFEST
+    )
+    body = {"written_by": f"dq {_dq_version()}", "files": files}
+    (folder / MANIFEST).write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+    return files
+
+
+def _replaced_by_new_save(rel: str, old_manifest: set[str] | None, new: Path) -> bool:
+    """Whether the old entry `rel` goes with the old save: the new save wrote the same path,
+    the previous dq save wrote it, or it is a weights file of a component folder (or a single
+    model's folder) the new save wrote weights into."""
+    if os.path.lexists(new / rel) or rel == MANIFEST:
+        return True
+    if old_manifest is not None and rel in old_manifest:
+        return True
+    parent, _, name = rel.rpartition("/")
+    if parent.count("/") > 0 or not _WEIGHTS_RE.match(name):
+        return False  # only top-level and component-level weights belong to the model
+    folder = new / parent if parent else new
+    return folder.is_dir() and any(_WEIGHTS_RE.match(p.name) for p in folder.iterdir())
+
+
+def _carry_over(old: Path, new: Path) -> list[str]:
+    """Keep every entry of the old folder that is not replaced by the new save (notes, README,
+    .git, a `lora/` folder inside `unet/`, ...), at any depth, as diffusers' in-place save keeps
+    them: hard-linked (copied where links fail), so the old folder stays intact until the swap.
+    Returns the kept paths."""
+
+    def link(src: str, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
 
-    for entry in os.scandir(old):
-        dst = new / entry.name
-        if os.path.lexists(dst):
-            continue
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry.path), dst)
-        elif entry.is_dir():
-            shutil.copytree(entry.path, dst, symlinks=True, copy_function=link)
-        else:
-            link(entry.path, str(dst))
+    manifest = _read_manifest(old)
+    kept: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(old):
+        rel_dir = Path(dirpath).relative_to(old)
+        for d in list(dirnames):
+            src = Path(dirpath, d)
+            if src.is_symlink():  # a link to a folder: kept as a link, never followed
+                dirnames.remove(d)
+                filenames.append(d)
+            elif not any(src.iterdir()) and not os.path.lexists(new / rel_dir / d):
+                (new / rel_dir / d).mkdir(parents=True)  # an empty folder of the user's
+                kept.append((rel_dir / d).as_posix())
+        for f in filenames:
+            rel = (rel_dir / f).as_posix()
+            if _replaced_by_new_save(rel, manifest, new):
+                continue
+            src = Path(dirpath, f)
+            dst = new / rel
+            if src.is_symlink():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(os.readlink(src), dst)
+            else:
+                link(str(src), dst)
+            kept.append(rel)
+    return kept
 
 
 def _is_dq_object(obj: Any) -> bool:
@@ -921,17 +1164,138 @@ def _is_dq_object(obj: Any) -> bool:
     return False
 
 
-def save_pretrained(obj: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+def _source_folders(obj: Any) -> list[Path]:
+    """Local folders `obj` (a pipeline or model) and its components were loaded from."""
+    out: list[Path] = []
+    items = [obj]
+    comps = getattr(obj, "components", None)
+    if isinstance(comps, dict):
+        items += list(comps.values())
+    for item in items:
+        cfg = getattr(item, "config", None)
+        for src in (getattr(item, "name_or_path", None), getattr(cfg, "_name_or_path", None)):
+            if isinstance(src, str | os.PathLike) and str(src) and os.path.isdir(src):
+                out.append(Path(os.path.realpath(src)))
+    return out
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _written_by_dq(folder: Path) -> bool:
+    if (folder / MANIFEST).is_file():
+        return True
+    try:  # folders saved by a dq older than the manifest still name dq in a config.json
+        return bool(_dq_components(folder))
+    except ValueError:
+        return False
+
+
+def check_save_target(
+    save_directory: str | os.PathLike, obj: Any = None, *, overwrite: bool = False
+) -> Path:
+    """Refuse, before any work, a save that could lose data or cannot succeed; returns the
+    resolved target folder.
+
+    Refused: an empty path; a path that is a file, or below one; a folder that cannot be
+    written; the current working folder or one of its parents; and, unless `overwrite=True`,
+    the folder `obj` (or one of its components) was loaded from, or a non-empty folder dq did
+    not write. With `overwrite=True` those two are saved into, keeping every file the save
+    does not replace.
+
+    Args:
+        save_directory: where the save goes (as the user wrote it: errors quote it).
+        obj: the pipeline or model to be saved (for its source folders), or None.
+        overwrite: allow saving over the source folder or over a folder dq did not write.
+    """
+    user = os.fspath(save_directory)
+    if not str(user).strip():
+        raise ValueError("the save path is empty; pass the folder to save into, e.g. 'out/sd-w8a8'")
+    target = Path(os.path.realpath(user))
+    if target.exists() and not target.is_dir():
+        raise ValueError(
+            f"cannot save to {user!r}: it exists and is a file, not a folder; pass a folder path "
+            "(a new one, or one an earlier dq save wrote)"
+        )
+    anc = target.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(
+            f"cannot save to {user!r}: {str(anc)!r} is a file, so no folder can be made below "
+            "it; choose another path"
+        )
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"cannot save to {user!r}: no permission to write in {str(anc)!r} (read-only "
+            "folder); choose a folder you can write to"
+        )
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if _is_within(cwd, target):
+        raise ValueError(
+            f"cannot save to {user!r}: it is the current working folder"
+            f"{'' if cwd == target else ' or one of its parents'} ({cwd}); an atomic save "
+            "replaces the whole folder. Save into a subfolder, e.g. 'out/quantized'"
+        )
+    if obj is not None and not overwrite:
+        for src in _source_folders(obj):
+            if _is_within(src, target):
+                raise ValueError(
+                    f"cannot save to {user!r}: the pipeline was loaded from "
+                    f"{'that folder' if src == target else repr(str(src)) + ', inside it'}, and "
+                    "saving there would replace the model it was loaded from. Save to a new "
+                    "folder (e.g. add '-quantized' to the name), or pass overwrite=True "
+                    "(CLI: --overwrite) to replace it on purpose"
+                )
+    if target.is_dir() and not overwrite and not _written_by_dq(target):
+        entries = sorted(p.name for p in target.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise ValueError(
+                f"cannot save to {user!r}: the folder holds files dq did not write ({shown}). "
+                "Save to a new or empty folder, or pass overwrite=True (CLI: --overwrite) to "
+                "save into it anyway (files the save does not replace are kept)"
+            )
+    return target
+
+
+def _os_error_message(user: str, e: OSError) -> str:
+    reason = {
+        errno.EACCES: "permission denied (read-only folder?); choose a folder you can write to",
+        errno.EPERM: "operation not permitted; choose a folder you can write to",
+        errno.EROFS: "the file system is read-only; choose a folder on a writable disk",
+        errno.ENOSPC: "no space left on the device; free some space or save elsewhere",
+        errno.EDQUOT: "disk quota exceeded; free some space or save elsewhere",
+        errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+        errno.EEXIST: "a part of the path already exists as a file; choose another path",
+    }.get(e.errno, f"{e.strerror or e}; check the path and the disk")
+    return f"cannot save to {user!r}: {reason}. The previous content (if any) is unchanged"
+
+
+def save_pretrained(
+    obj: Any, save_directory: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any
+) -> None:
     """Save a pipeline (or a model) atomically with its own `save_pretrained`.
 
     The save is written to a sibling folder, fsync'd, then swapped in with one atomic rename
     (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames, undone on the next save or
     `dq.load` if interrupted). A save killed midway leaves the previous content intact.
-    Entries of an existing folder that the new save does not write (README.md, .git) are kept.
+
+    Nothing but what dq wrote is deleted: every entry of an existing folder that the new save
+    does not replace (README.md, .git, `unet/notes.txt`, `unet/lora/...`) is kept. A
+    component's weights are replaced as a set (stale shards, shard indexes, variants and
+    pickle files of the same names would otherwise load the old model). A manifest
+    (`.dq-manifest.json`) records the files each save wrote.
+
+    Refused up front (see `check_save_target`): a path that is a file or below one, a folder
+    that cannot be written, the working folder, and, unless `overwrite=True`, the folder the
+    pipeline was loaded from or a non-empty folder dq did not write.
 
     Args:
         obj: a diffusers pipeline or model (dq-quantized or not).
         save_directory: the folder to (re)write.
+        overwrite: save over the source folder or a folder dq did not write (user files kept).
         **kwargs: passed to `obj.save_pretrained` (variant, max_shard_size, push_to_hub, ...).
 
     Example:
@@ -942,19 +1306,20 @@ def save_pretrained(obj: Any, save_directory: str | os.PathLike, **kwargs: Any) 
             "dq checkpoints are saved as safetensors only (loading never unpickles); remove "
             "safe_serialization=False"
         )
-    target = Path(os.path.realpath(os.fspath(save_directory)))
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{target} exists and is not a folder; pass a folder path to save into")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _recover(target)
-    if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
-        kwargs["repo_id"] = target.name  # diffusers would name the repo after the staging folder
-    staging = target.parent / f".{target.name}.dq-staging-{os.getpid()}-{secrets.token_hex(4)}"
-    os.mkdir(staging)
+    user = os.fspath(save_directory)
+    target = check_save_target(user, obj, overwrite=overwrite)
+    staging: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _recover(target)
+        if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
+            kwargs["repo_id"] = target.name  # diffusers would name the repo after the staging folder
+        staging = target.parent / f".{target.name}.dq-staging-{os.getpid()}-{secrets.token_hex(4)}"
+        os.mkdir(staging)
         if target.is_dir():
             os.chmod(staging, stat.S_IMODE(target.stat().st_mode))
         type(obj).save_pretrained(obj, os.fspath(staging), **kwargs)
+        _write_manifest(staging)
         if target.is_dir():
             _carry_over(target, staging)
         _fsync_tree(staging)
@@ -968,10 +1333,13 @@ def save_pretrained(obj: Any, save_directory: str | os.PathLike, **kwargs: Any) 
             os.rename(staging, target)
             _fsync_path(target.parent)
             shutil.rmtree(old, ignore_errors=True)
+        staging = None
         _fsync_path(target.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    except OSError as e:
+        raise ValueError(_os_error_message(user, e)) from e
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _bound_save(self: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:

@@ -343,17 +343,127 @@ def test_save_into_existing_folder_replaces_weights_and_keeps_other_files(saved_
     pipe, src = saved_w8a16
     target = tmp_path / "pipe"
     shutil.copytree(src, target)
-    (target / "README.md").write_text("my notes")
-    (target / ".git").mkdir()
-    (target / ".git/HEAD").write_text("ref: refs/heads/main")
-    stale = target / "unet/diffusion_pytorch_model.bin"
+    user_files = {
+        "README.md": "my notes",
+        ".git/HEAD": "ref: refs/heads/main",
+        "unet/notes.txt": "calibrated on my prompts",  # inside a component folder
+        "unet/lora/pytorch_lora_weights.safetensors": "my lora",  # a user folder in a component
+        "unet/my_model.safetensors": "not diffusers' weights name",
+        "vae/notes/a.txt": "deep",
+    }
+    for rel, text in user_files.items():
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        (target / rel).write_text(text)
+    (target / "empty_dir").mkdir()
+    stale = target / "unet/diffusion_pytorch_model.bin"  # the component's old weights...
     stale.write_bytes(b"old pickle")
+    stale_index = target / "unet/diffusion_pytorch_model.safetensors.index.json"  # ...would load
+    stale_index.write_text('{"weight_map": {}}')  # instead of the new file if kept
     bound = S.bind_atomic_save(pipe)
     bound.save_pretrained(target)
-    assert (target / "README.md").read_text() == "my notes"
-    assert (target / ".git/HEAD").read_text().startswith("ref:")
-    assert not stale.exists()  # component folders are exactly what the new save wrote
+    for rel, text in user_files.items():
+        assert (target / rel).read_text() == text, rel
+    assert (target / "empty_dir").is_dir()
+    assert not stale.exists() and not stale_index.exists()  # weights are replaced as a set
+    manifest = json.loads((target / S.MANIFEST).read_text())["files"]
+    assert "unet/diffusion_pytorch_model.safetensors" in manifest
+    assert "unet/notes.txt" not in manifest  # kept, never claimed as dq's
+    bound.save_pretrained(target)  # and again: still kept
+    assert (target / "unet/lora/pytorch_lora_weights.safetensors").read_text() == "my lora"
     assert not list(tmp_path.glob(".pipe.dq-*"))
+    assert_same_tensors(pipe.unet.state_dict(), _load(target).unet.state_dict())
+
+
+def test_files_of_an_earlier_dq_save_that_the_new_one_does_not_write_go(tmp_path):
+    """What dq wrote (the manifest) is dq's to replace: a sharded save re-saved unsharded
+    leaves no stale shard behind."""
+    pipe = _quantized("w8a16")
+    S.save_pretrained(pipe, tmp_path / "p", max_shard_size="150KB")
+    assert len(list((tmp_path / "p/unet").glob("*.safetensors"))) > 1
+    (tmp_path / "p/unet/notes.txt").write_text("mine")
+    S.save_pretrained(pipe, tmp_path / "p")
+    names = sorted(f.name for f in (tmp_path / "p/unet").iterdir())
+    assert names == ["config.json", "diffusion_pytorch_model.safetensors", "notes.txt"]
+
+
+def test_saving_over_the_source_folder_is_refused(tmp_path):
+    from dq.testing import tiny_sd_pipeline
+
+    tiny_sd_pipeline(seed=0).save_pretrained(tmp_path / "src")
+    before = _snapshot(tmp_path / "src")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "src")
+    dq.quantize(pipe, "w8a16", progress=False)
+    for target in (tmp_path / "src", str(tmp_path / "src") + "/", tmp_path):
+        with pytest.raises(ValueError, match="loaded from.*overwrite=True"):
+            pipe.save_pretrained(target)
+    assert _snapshot(tmp_path / "src") == before  # the float model is untouched
+    pipe.save_pretrained(tmp_path / "src", overwrite=True)  # on purpose: allowed
+    assert DiffusionPipeline.from_pretrained(tmp_path / "src").unet.is_quantized
+
+
+def test_saving_into_the_working_folder_is_refused(saved_w8a16, tmp_path, monkeypatch):
+    pipe, _ = saved_w8a16
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work/data.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path / "work")
+    for target in (".", "", os.getcwd(), ".."):
+        with pytest.raises(ValueError, match="working folder|empty") as e:
+            S.save_pretrained(pipe, target, overwrite=True)  # never, not even with overwrite
+        assert "subfolder" in str(e.value) or "pass the folder" in str(e.value)
+    assert (tmp_path / "work/data.txt").read_text() == "keep me"
+    S.save_pretrained(pipe, "out")  # a subfolder is fine
+    assert (tmp_path / "work/out/model_index.json").is_file()
+
+
+def test_saving_over_a_folder_dq_did_not_write_needs_overwrite(saved_w8a16, tmp_path):
+    pipe, _ = saved_w8a16
+    target = tmp_path / "photos"
+    target.mkdir()
+    (target / "holiday.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(ValueError, match="dq did not write.*holiday.jpg.*overwrite=True"):
+        S.save_pretrained(pipe, target)
+    assert sorted(p.name for p in target.iterdir()) == ["holiday.jpg"]
+    S.save_pretrained(pipe, target, overwrite=True)
+    assert (target / "holiday.jpg").read_bytes() == b"\xff\xd8"  # kept even then
+    (tmp_path / "empty").mkdir()
+    S.save_pretrained(pipe, tmp_path / "empty")  # an empty folder has nothing to lose
+
+
+def test_unwritable_targets_name_the_users_path(saved_w8a16, tmp_path, monkeypatch):
+    pipe, _ = saved_w8a16
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match=r"cannot save to '.*a_file/out'.*is a file"):
+        S.save_pretrained(pipe, tmp_path / "a_file" / "out")
+    with pytest.raises(ValueError, match=r"cannot save to '.*a_file'.*is a file"):
+        S.save_pretrained(pipe, tmp_path / "a_file")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    real_access = os.access
+    monkeypatch.setattr(  # tests run as root, which os.access never refuses
+        S.os, "access", lambda p, m: False if os.path.realpath(p) == os.path.realpath(ro) else real_access(p, m)
+    )
+    with pytest.raises(ValueError, match=r"cannot save to '.*ro/q'.*no permission") as e:
+        S.save_pretrained(pipe, ro / "q")
+    assert "staging" not in str(e.value)
+    monkeypatch.undo()
+
+    # an OSError in the middle of the save (here: disk full) names the user's path, not the
+    # hidden staging folder, and leaves the earlier save intact
+    S.save_pretrained(pipe, tmp_path / "full")
+    before = _snapshot(tmp_path / "full")
+    real_save = st.save_file
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / ".full.dq-staging-1-ab/unet/x"))
+
+    monkeypatch.setattr(st, "save_file", full_disk)
+    with pytest.raises(ValueError, match=r"cannot save to '.*full'.*no space left.*unchanged") as e:
+        S.save_pretrained(pipe, tmp_path / "full")
+    assert "staging" not in str(e.value)
+    monkeypatch.setattr(st, "save_file", real_save)
+    assert _snapshot(tmp_path / "full") == before
+    assert not list(tmp_path.glob(".full.dq-*"))
 
 
 def test_safe_serialization_false_is_refused(saved_w8a16, tmp_path):
@@ -421,6 +531,12 @@ def _newer_plan(path):
     _edit_config(path, lambda q: q["plan"].update(version=q["plan"]["version"] + 1))
 
 
+def _int8_to_int7(q):
+    """int8 -> int7 on one layer: the same storage (int8 codes, fp32 scales), so every tensor
+    still fits; only the plan's checksum can tell."""
+    q["plan"]["layers"][LAYER]["weight"] = "int7"
+
+
 def _bin_only(path):
     f = path / UNET_FILE
     torch.save(st.load_file(f), path / "unet/diffusion_pytorch_model.bin")
@@ -429,7 +545,7 @@ def _bin_only(path):
 
 FAULTS = {
     # id: (mutation, error from dq.load, error from DiffusionPipeline.from_pretrained)
-    "truncated": (_truncate, "truncated or corrupted", "diffusion_pytorch_model.safetensors"),
+    "truncated": (_truncate, "truncated or corrupted", "truncated or corrupted"),
     "flipped-byte": (_flip_byte, "corrupted.*checksums", "corrupted.*checksums"),
     "tensor-missing": (_drop_tensor, f"has no '{LAYER}.scale'", f"has no '{LAYER}.scale'"),
     "plan-format-mismatch": (
@@ -460,7 +576,12 @@ FAULTS = {
     "bin-only": (
         _bin_only,
         "no safetensors weights.*never pickle",
-        "not a safetensors file.*never pickle",
+        "holds no diffusion_pytorch_model.safetensors.*never unpickles",
+    ),
+    "plan-edited-same-storage": (
+        lambda path: _edit_config(path, _int8_to_int7),
+        f"not the plan .* was saved with.*layer '{LAYER}'.*Restore the original config.json",
+        f"not the plan .* was saved with.*layer '{LAYER}'.*Restore the original config.json",
     ),
 }
 
@@ -483,6 +604,60 @@ def test_faulty_folder_gives_a_clear_error(fault, saved_w8a16, tmp_path):
         DiffusionPipeline.from_pretrained(path)
     assert _snapshot(path) == before  # loading never writes
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_pickle_is_never_unpickled_on_any_load_path(saved_w8a16, tmp_path, monkeypatch):
+    path = tmp_path / "pipe"
+    shutil.copytree(saved_w8a16[1], path)
+    _bin_only(path)
+    calls = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or {})
+    for load in (
+        lambda: S.load(path),
+        lambda: DiffusionPipeline.from_pretrained(path),
+        lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+        lambda: UNet2DConditionModel.from_pretrained(path / "unet"),
+    ):
+        with pytest.raises(ValueError, match="never (un)?pickle"):
+            load()
+    assert calls == []
+
+
+def test_edited_plan_with_the_same_storage_is_refused(tmp_path):
+    """int4 -> fp4_e2m1: both packed 4-bit codes with fp32 scales, so shapes and dtypes agree;
+    the checksum of the plan in the safetensors header refuses it."""
+    cfg = QuantConfig(default=LayerSpec("int4", "group16", "mse"), name="int4")
+    pipe = _quantized(cfg)
+    S.save_pretrained(pipe, tmp_path / "p")
+    meta = safe_open(tmp_path / "p" / UNET_FILE, "pt").metadata()
+    assert meta["dq_plan_sha256"] == S.plan_digest(
+        pipe.unet.hf_quantizer.quantization_config.to_dict()["plan"], {}
+    )
+    _edit_config(tmp_path / "p", lambda q: q["plan"]["layers"][LAYER].update(weight="fp4_e2m1"))
+    with pytest.raises(ValueError, match=f"layer '{LAYER}' .*fp4_e2m1.*Restore the original"):
+        DiffusionPipeline.from_pretrained(tmp_path / "p")
+    with pytest.raises(ValueError, match="not the plan"):
+        S.load(tmp_path / "p")
+
+
+def test_folder_without_a_plan_checksum_still_loads(tmp_path):
+    """Folders written before the plan checksum (no dq_plan_sha256 in the header) load."""
+    pipe = _quantized("w8a16")
+    S.save_pretrained(pipe, tmp_path / "p")
+    f = tmp_path / "p" / UNET_FILE
+    with safe_open(f, "pt") as h:
+        meta = {k: v for k, v in h.metadata().items() if not k.startswith("dq_plan")}
+    st.save_file(st.load_file(f), f, metadata=meta)
+    loaded = S.load(tmp_path / "p")
+    assert_same_tensors(pipe.unet.state_dict(), loaded.unet.state_dict())
+
+
+def test_calibration_record_is_saved_and_reloaded(tmp_path):
+    pipe = _quantized("w8a16")
+    S.record_calibration(pipe.unet, {"num_prompts": 2, "sampling": {"num_inference_steps": 2}})
+    S.save_pretrained(pipe, tmp_path / "p")
+    loaded = S.load(tmp_path / "p")
+    assert loaded.unet._dq_calibration == {"num_prompts": 2, "sampling": {"num_inference_steps": 2}}
 
 
 def test_plan_mismatch_error_names_the_layer_and_the_fix(saved_w8a16, tmp_path):
@@ -582,6 +757,6 @@ def test_version_1_folder_still_loads(tmp_path):
             if spec is not None:
                 spec["rounding"] = "nearest"
 
-    _edit_config(tmp_path / "q", to_v1)
+    _edit_config(tmp_path / "q", to_v1)  # the normalised plan, hence its checksum, is unchanged
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "q")
     assert torch.equal(_image(loaded), _image(pipe))
