@@ -22,6 +22,43 @@ class DemoSettings:
     seed: int = 0  # generator seed for every image
     save: bool = True  # also save the quantized pipeline under out/pipeline
 
+    def check(self):
+        """Raise ValueError for settings that cannot work (before anything is loaded); returns
+        the QuantConfig that `config` names."""
+        import dq
+
+        for name, low in (("num_prompts", 2), ("num_calib", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(
+                    f"{name}={v!r}: must be an int >= {low}"
+                    + (" (the report compares image sets; CLI: --num-prompts)" if name == "num_prompts" else "")
+                )
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps={self.steps!r}: must be an int >= 1, or None for the pipeline's default (CLI: --steps)")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"out={str(out)!r} is a file; give a folder for the report (CLI: --out)")
+        if self.pipeline is not None and not (Path(self.pipeline) / "model_index.json").is_file():
+            raise ValueError(
+                f"pipeline={self.pipeline!r} is not a diffusers pipeline folder (no model_index.json); "
+                "give a folder written by save_pretrained, or None for the embedded one (CLI: --pipeline)"
+            )
+        if self.save:
+            from dq.serialization import check_save_target
+
+            check_save_target(out / "pipeline")
+        config = self.config
+        if str(config).endswith(".json"):
+            path = Path(config)
+            if not path.is_file():
+                raise ValueError(f"config file {config!r} does not exist; give a preset name or a QuantConfig JSON file (CLI: --config)")
+            try:
+                return dq.QuantConfig.from_json(path.read_text())
+            except ValueError as e:
+                raise ValueError(f"config file {config!r} is not a valid QuantConfig JSON: {e} (CLI: --config)") from None
+        return dq.QuantConfig.from_preset(config)
+
 
 def _load(settings: DemoSettings):
     """(pipeline, assets module or None): the embedded pipeline unless a folder is given."""
@@ -93,8 +130,18 @@ def run_demo(settings: DemoSettings) -> dict:
     import dq
     from dq import metrics
 
+    config = settings.check()  # every setting checked before the first model loads
+    if settings.pipeline is None:
+        from dq import assets
+
+        n_max = len(assets.heldout_prompts()[0]) if assets.embedded_pipeline_path().is_dir() else None
+        if n_max is not None and settings.num_prompts > n_max:
+            raise ValueError(
+                f"num_prompts={settings.num_prompts}: the embedded world has {n_max} held-out "
+                f"prompts; use at most {n_max} (CLI: --num-prompts)"
+            )
     torch.manual_seed(settings.seed)
-    out = settings.out
+    out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe, assets_mod = _load(settings)
     pipe.set_progress_bar_config(disable=True)
@@ -115,9 +162,6 @@ def run_demo(settings: DemoSettings) -> dict:
     fp_res, fp_images = evaluate()
     fp_bytes, fp_latency = _nbytes(pipe.unet), _unet_latency(pipe.unet, pipe)
 
-    config = settings.config
-    if config.endswith(".json"):
-        config = dq.QuantConfig.from_json(Path(config).read_text())
     t0 = time.perf_counter()
     calib_call = {k: v for k, v in call.items() if k in ("num_inference_steps", "guidance_scale", "height", "width")}
     dq.quantize(pipe, config, calib_prompts=calib, progress=False, calibration=calib_call)

@@ -1,0 +1,109 @@
+"""Checks that run before any quantization work: clear errors (and warnings) about the model and
+the plan, instead of a failure deep inside torch after minutes of calibration.
+
+`check_before_quantize(unet, config, plan)` is the one call: `dq.quantize` / `dq.quantize_model`
+make it right after the plan is resolved, before calibration runs.
+
+    >>> plan = dq.resolve_plan(unet, cfg)
+    >>> check_before_quantize(unet, cfg, plan)   # raises or warns; returns nothing
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from dq.config import DEFAULT_SKIP, LayerSpec, QuantConfig
+
+__all__ = ["check_before_quantize", "check_plan_coverage", "check_weights"]
+
+
+def check_weights(unet: nn.Module, plan: Mapping[str, LayerSpec | None]) -> None:
+    """Raise ValueError when the model cannot be quantized as it is.
+
+    - any parameter or buffer on the `meta` device (a model built without its weights);
+    - a layer the plan quantizes whose weight holds NaN or infinite values (its scales would be
+      NaN), naming every such layer.
+
+    Args:
+        unet: the float model about to be quantized.
+        plan: its resolved plan (layer name -> spec, None for float layers).
+    """
+    meta = [n for n, t in (*unet.named_parameters(), *unet.named_buffers()) if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"the model's weights are on the meta device ({len(meta)} tensor(s), e.g. "
+            f"{meta[:3]}): it was built without loading its weights (init_empty_weights, "
+            "torch.device('meta') or a device_map that left them unloaded), so there is "
+            "nothing to quantize. Load the pipeline with from_pretrained (real weights) "
+            "first, then call dq.quantize"
+        )
+    bad: list[str] = []
+    for name, spec in plan.items():
+        if spec is None:
+            continue
+        w = unet.get_submodule(name).weight
+        with torch.no_grad():
+            if not bool(torch.isfinite(w).all()):
+                n_bad = int((~torch.isfinite(w)).sum())
+                bad.append(f"{name!r} ({n_bad} of {w.numel()} values)")
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(
+            f"layer(s) {shown} hold NaN or infinite weights; their quantization scales would be "
+            "NaN. Reload or repair the checkpoint (a failed fp16 conversion or training run "
+            "does this), or keep those layers in float with QuantConfig(skip=[...])"
+        )
+
+
+def check_plan_coverage(
+    config: QuantConfig, plan: Mapping[str, LayerSpec | None], *, stacklevel: int = 3
+) -> None:
+    """Warn (UserWarning) about a plan that probably does not do what was meant:
+
+    - a skip pattern the user gave that matches no quantizable layer (a typo keeps the layer
+      quantized); dq's default skips (conv_in, conv_out) are exempt;
+    - a plan that quantizes no layer at all (every layer skipped or set to None).
+
+    Args:
+        config: the QuantConfig the plan was resolved from.
+        plan: the resolved plan.
+        stacklevel: passed to `warnings.warn` (3 points at the caller of `dq.quantize`).
+    """
+    names = list(plan)
+    unmatched = [p for p in config.unmatched_skips(names) if p not in DEFAULT_SKIP]
+    if unmatched:
+        warnings.warn(
+            f"skip pattern(s) {unmatched} match none of the model's {len(names)} quantizable "
+            "layers, so nothing is kept in float for them. Use layer names as in "
+            "unet.named_modules(): a plain name matches that module and everything under it "
+            "('to_k', 'attn2', 'conv_in'), a glob matches whole names ('down_blocks.*.attn1.*')",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    if names and all(s is None for s in plan.values()):
+        warnings.warn(
+            f"the config {config.name!r} quantizes none of the model's {len(names)} layers "
+            "(every one is skipped or set to None); the model stays in float. Check "
+            "QuantConfig.skip and the plan",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def check_before_quantize(
+    unet: nn.Module, config: QuantConfig, plan: Mapping[str, LayerSpec | None]
+) -> None:
+    """Every check to run before calibration: `check_weights` (errors), then
+    `check_plan_coverage` (warnings).
+
+    Args:
+        unet: the float model about to be quantized.
+        config: the QuantConfig given by the user.
+        plan: `dq.resolve_plan(unet, config)`.
+    """
+    check_weights(unet, plan)
+    check_plan_coverage(config, plan, stacklevel=5)
