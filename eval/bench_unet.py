@@ -40,7 +40,7 @@ from dq import recipes
 class Settings:
     models: tuple[str, ...] = ("sd15", "embedded", "embedded-pipeline")  # also "tiny"
     configs: tuple[str, ...] = (
-        "fp32", "dq-w8a8", "dq-w8a8-full", "dq-w7a8", "dq-w4a8-uniform", "dq-w4a16", "dq-fp8",
+        "fp32", "dq-w8a8", "dq-w8a8-full", "dq-w7a8", "dq-w4a8-uniform", "dq-w4a8-mixed", "dq-w4a16", "dq-fp8",
         "torchao-int8-dynamic", "torchao-int8-weight-only", "quanto-w8a8",
     )
     sd15_latent: int = 32  # latent side for the SD 1.5 UNet: 256 px images, ~2-3 s per fp32 forward here
@@ -107,6 +107,10 @@ def apply_config(unet, config: str, make_inputs) -> str | None:
                     model(**inp)
 
         note = None
+        if config == "dq-w4a8-mixed":
+            cfg, note = mixed_cpu_plan(unet)
+            dq.quantize_model(unet, cfg, calibrate=calibrate, progress=False)
+            return note
         cfg = dq_config(config)
         if cfg.default.weight_method != "minmax":
             # latency and bytes do not depend on how scales were searched; min-max keeps the
@@ -194,6 +198,42 @@ def run_one(model: str, config: str, s: Settings) -> dict:
         "weight_bytes": _weight_bytes(unet), "rss_before_bytes": rss_before,
         "peak_rss_bytes": peak, "out_norm": float(out.float().norm()), "note": note,
     }
+
+
+# engine formats of a CPU-allocated plan with 8-bit activations (dq.allocate.backend_weight_formats)
+MIXED_CANDIDATES = ("int3", "int4", "int6", "int8", "fp4_e2m1", "fp4_e3m0", "fp6_e2m3")
+
+
+def mixed_cpu_plan(unet):
+    """A mixed W4A8 plan allocated for the CPU backend by the ILP (dq.allocate.solve_choice)
+    under the bytes of uniform per-channel INT4 (scales counted), on this UNet's real shapes.
+    Random weights have no image-level sensitivity, so the losses are a data-free proxy (each
+    candidate's relative weight error x the layer's size); latency depends only on the formats
+    chosen, all of which run on the int8 engine."""
+    import numpy as np
+
+    import dq
+    from dq import allocate, quant
+    from dq.storage import spec_nbytes
+
+    cands = allocate.backend_weight_formats(MIXED_CANDIDATES, "cpu", "uint8")
+    layers = [(n, m) for n, m in dq.quantizable_layers(unet).items() if n not in ("conv_in", "conv_out")]
+    loss = np.zeros((len(layers), len(cands)))
+    cost = np.zeros_like(loss)
+    for i, (_, m) in enumerate(layers):
+        w = m.weight.detach()
+        for j, c in enumerate(cands):
+            spec = dq.LayerSpec(c, "channel", act="uint8")
+            qw = quant.quantize_weight(w, spec)
+            rel = float((qw.dequantize() - w).pow(2).sum() / w.pow(2).sum())
+            loss[i, j] = rel * w.numel()
+            cost[i, j] = spec_nbytes(spec, w.shape)
+    budget = sum(spec_nbytes(dq.LayerSpec("int4", "channel", act="uint8"), m.weight.shape) for _, m in layers)
+    choice = allocate.solve_choice(loss, cost, budget)
+    plan = {n: dq.LayerSpec(cands[c], "channel", act="uint8") for (n, _), c in zip(layers, choice, strict=True)}
+    used = {f: int((np.array([cands[c] for c in choice]) == f).sum()) for f in cands}
+    note = f"ILP plan for the cpu backend, bytes <= uniform INT4 ({budget} B): {used}; losses: weight-error proxy"
+    return dq.QuantConfig(default=None, layers=plan, name="w4a8-mixed-cpu"), note
 
 
 def dq_config(config: str):
