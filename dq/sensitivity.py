@@ -554,3 +554,70 @@ def merge(cache_dir: str | os.PathLike, layers: dict | None = None, settings: di
     if layers is None:
         raise ValueError("merge needs the layer table (pass layers=, or call analyze)")
     return _table(layers, list(items.values()), settings or manifest["settings"], model or manifest["model"])
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def add_cli(subparsers) -> None:
+    """Register `dq sensitivity MODEL_OR_DIR --prompts FILE --out DIR`."""
+    p = subparsers.add_parser(
+        "sensitivity", help="score every layer x candidate format against full precision",
+        description="Metric-decoupled sensitivity analysis (resumable; shardable with accelerate launch).",
+    )
+    p.add_argument("pipeline", help="a diffusers pipeline folder or hub id ('embedded' for dq's own)")
+    p.add_argument("--prompts", default=None,
+                   help="calibration prompts, one per line (default: the model recipe's prompt set)")
+    p.add_argument("--out", required=True, help="cache folder; the table is written to OUT/table.json")
+    p.add_argument("--weights", nargs="+", default=None, help="weight candidates (default: the recipe's)")
+    p.add_argument("--acts", nargs="+", default=None, help="activation candidates (default: the recipe's)")
+    p.add_argument("--num-images", type=int, default=SensitivitySettings.num_images,
+                   help="prompts whose images score content layers")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps of calibration and images (default: the model recipe's)")
+    p.set_defaults(func=_cli_run)
+
+
+def _cli_run(args) -> int:
+    from dq import recipes
+
+    if args.num_images < 1:
+        raise SystemExit("dq sensitivity: --num-images must be >= 1")
+    for f in (args.weights or []) + (args.acts or []):
+        try:
+            formats.get(f)
+        except ValueError as e:
+            raise SystemExit(f"dq sensitivity: --weights/--acts: {e}") from None
+    prompts = None
+    if args.prompts is not None:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise SystemExit(f"dq sensitivity: --prompts {args.prompts}: no such file")
+        prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        if not prompts:
+            raise SystemExit(f"dq sensitivity: --prompts {args.prompts} has no prompts (one per line)")
+    if args.pipeline == "embedded":
+        from dq import assets
+
+        pipe = assets.load_embedded_pipeline()
+    else:
+        from diffusers import DiffusionPipeline
+
+        if not Path(args.pipeline).exists() and "/" not in args.pipeline:
+            raise SystemExit(f"dq sensitivity: {args.pipeline}: no such folder (or a hub id owner/name)")
+        pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=torch.float32)
+    recipe = recipes.recipe_for(pipe)
+    if prompts is None:
+        prompts = recipes.calibration_prompts(recipe)[: recipe.calibration.num_prompts]
+    sampling = Sampling(batch_size=max(1, min(8, len(prompts))), **recipe.calibration.pipeline_kwargs())
+    if args.steps is not None:
+        if args.steps < 1:
+            raise SystemExit("dq sensitivity: --steps must be >= 1")
+        sampling = sampling.replace(num_inference_steps=args.steps)
+    settings = SensitivitySettings(weight_candidates=args.weights, act_candidates=args.acts,
+                                   num_images=min(args.num_images, len(prompts)), sampling=sampling)
+    table = analyze(pipe, prompts, settings=settings, recipe=recipe, cache_dir=args.out)
+    out = Path(args.out) / "table.json"
+    out.write_text(table.to_json())
+    print(f"dq: {len(table.items)} items over {len(table.layers)} layers -> {out}")
+    return 0

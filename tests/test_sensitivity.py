@@ -118,3 +118,22 @@ def test_bad_input_is_a_clear_error(pipe, tmp_path):
         S.analyze(other, PROMPTS[:1], settings=small, cache_dir=tmp_path, progress=False)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["model"] == S.model_fingerprint(pipe.unet)
+
+
+def test_cli_writes_the_table(pipe, tmp_path):
+    import argparse
+
+    pipe.save_pretrained(tmp_path / "p")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:2]) + "\n")
+    parser = argparse.ArgumentParser()
+    S.add_cli(parser.add_subparsers())
+    args = parser.parse_args(["sensitivity", str(tmp_path / "p"), "--prompts", str(tmp_path / "prompts.txt"),
+                              "--out", str(tmp_path / "out"), "--weights", "int8", "--acts", "uint8",
+                              "--num-images", "1", "--steps", "1"])
+    assert args.func(args) == 0
+    table = S.SensitivityTable.from_json((tmp_path / "out" / "table.json").read_text())
+    assert {it.candidate for it in table.items} == {"int8", "uint8"}
+    bad = parser.parse_args(["sensitivity", str(tmp_path / "p"), "--prompts", str(tmp_path / "nope.txt"),
+                             "--out", str(tmp_path / "o2")])
+    with pytest.raises(SystemExit, match="--prompts"):
+        bad.func(bad)
