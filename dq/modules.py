@@ -25,6 +25,8 @@ its grid (`dq.quant.fake_quantize_act`) and the weight-only kernel multiplies it
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +43,8 @@ _SYMMETRIC_ENGINE_ZP = 128  # q_u8 = q_s8 + 128
 
 # kept for callers of the old name
 pair_limited_codes = quant.pair_limited_values
+
+_WEIGHT_VIEW_WARNED: set[str] = set()
 
 
 def weight_2d(w: torch.Tensor) -> torch.Tensor:
@@ -213,6 +217,52 @@ class QuantizedLayerMixin:
     def dequantize(self) -> torch.Tensor:
         """The float32 weight the stored codes represent, shaped like the original weight."""
         return self.qweight().dequantize()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The float dtype of this layer's float tensors (bias, else scales)."""
+        return (self.bias if self.bias is not None else self.scale).dtype
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A float copy of the weight, dequantized from the codes (for code that reads
+        `.weight`: diffusers' `fuse_qkv_projections`, attention processors, peft).
+
+        Read-only in effect: it is a fresh tensor each read (writing to it does not change the
+        layer; use `requantize(w)` to store a new weight). Each read costs a float copy of the
+        weight, so the first read warns once per layer class."""
+        if type(self).__name__ not in _WEIGHT_VIEW_WARNED:
+            _WEIGHT_VIEW_WARNED.add(type(self).__name__)
+            warnings.warn(
+                f"{type(self).__name__}.weight is a float copy dequantized from the quantized "
+                "codes: each read allocates the full float weight and writes to it are not "
+                "stored. Call dequantize() explicitly to keep one, or requantize(w) to replace "
+                "the weight; fuse projections / LoRAs before dq.quantize for the fastest model.",
+                UserWarning, stacklevel=2,
+            )
+        return self.dequantize().to(self.compute_dtype).detach()
+
+    def requantize(self, w: torch.Tensor) -> None:
+        """Store the float weight `w` (shaped like the original weight) in this layer's own
+        spec: round to nearest on fresh scales, activation range and bias kept. Used to fuse a
+        LoRA into the codes."""
+        spec = self.spec
+        if tuple(w.shape) != tuple(self.weight_shape):
+            raise ValueError(
+                f"requantize got a weight of shape {list(w.shape)}; this layer's weight is "
+                f"{list(self.weight_shape)}"
+            )
+        self._restore_codes()
+        qw = quant.quantize_weight(w.detach().float().to(self.scale.device), spec)
+        keep = (self.input_scale, self.input_zero_point)
+        saved = None if keep[0] is None else (keep[0].clone(), keep[1].clone())
+        self._load_qweight(qw, None, None if saved is None else (0.0, 1.0))
+        if saved is not None:
+            self.input_scale.copy_(saved[0])
+            self.input_zero_point.copy_(saved[1])
+
+    def _restore_codes(self) -> None:
+        """Put the codes back in `qdata` if the engine holds them (see `compact`)."""
 
     @property
     def _kernel_args(self) -> dict:
@@ -417,3 +467,7 @@ def reference_forward(layer: QuantizedLayerMixin, x: torch.Tensor) -> torch.Tens
     if isinstance(layer, QLinear):
         return F.linear(x, w, layer.bias)  # BOS-aware layers: compare tokens 1.. only
     return F.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+# LoRA: make peft wrap these layers (dq.lora adds its dispatcher when peft is installed)
+from dq import lora as _lora  # noqa: E402,F401
