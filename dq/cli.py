@@ -65,24 +65,36 @@ def _read_prompts(path: str | None, flag: str = "--prompts") -> list[str] | None
     return prompts
 
 
+def _preset_names() -> list[str]:
+    from dq.config import MIXED_PRESET_NAMES, PRESETS
+
+    return sorted({*PRESETS, *MIXED_PRESET_NAMES})
+
+
 def _read_config(value: str, flag: str = "--config"):
-    """A QuantConfig from a preset name or a JSON file, or a UserError naming `flag`."""
-    from dq.config import PRESETS, QuantConfig
+    """A QuantConfig (or a mixed-precision target) from a preset name or a JSON file, or a
+    UserError naming `flag`."""
+    from dq.config import MIXED_PRESET_NAMES, QuantConfig
 
     p = Path(value)
     key = value.lower().replace("-", "_")
-    looks_like_file = value.endswith(".json") or os.sep in value or (key not in PRESETS and p.is_file())
+    names = _preset_names()
+    looks_like_file = value.endswith(".json") or os.sep in value or (key not in names and p.is_file())
     if not looks_like_file:
-        if key not in PRESETS:
+        if key not in names:
             raise UserError(
-                f"{flag} {value!r}: unknown preset; choose one of {', '.join(sorted(PRESETS))} "
+                f"{flag} {value!r}: unknown preset; choose one of {', '.join(names)} "
                 "(see `dq presets`) or give a QuantConfig JSON file"
             )
+        if key in MIXED_PRESET_NAMES:
+            from dq.api import MIXED_PRESETS
+
+            return MIXED_PRESETS[key]
         return QuantConfig.from_preset(key)
     if not p.is_file():
         what = "is a folder" if p.is_dir() else "does not exist"
         raise UserError(
-            f"{flag} {value!r} {what}; give a preset name ({', '.join(sorted(PRESETS))}) or the "
+            f"{flag} {value!r} {what}; give a preset name ({', '.join(names)}) or the "
             "path of a QuantConfig JSON file (QuantConfig.to_json())"
         )
     try:
@@ -93,6 +105,12 @@ def _read_config(value: str, flag: str = "--config"):
         return QuantConfig.from_dict(data)
     except (ValueError, TypeError) as e:
         raise UserError(f"{flag} {value!r} is not a valid QuantConfig: {e}") from None
+
+
+def _needs_prompts(config: Any) -> bool:
+    """Activation ranges (QuantConfig) or a sensitivity run (mixed precision) need prompts."""
+    needs = getattr(config, "needs_activation_calibration", None)
+    return True if needs is None else bool(needs)
 
 
 def _check_pipeline_arg(value: str, flag: str) -> str:
@@ -142,6 +160,13 @@ def _check_out(out: str, flag: str, source: str | None, overwrite: bool) -> None
     """Refuse an output path that cannot or must not be written, before anything loads."""
     from dq.serialization import check_save_target
 
+    def check(allow: bool) -> None:
+        try:
+            check_save_target(out, overwrite=allow)
+        except ValueError as e:
+            raise UserError(f"{flag}: {e}".replace("overwrite=True (CLI: --overwrite)", "--overwrite")) from None
+
+    check(True)  # what no flag allows: a file in the way, no permission, the working folder
     if source is not None and os.path.isdir(source) and not overwrite:
         src = Path(os.path.realpath(source))
         target = Path(os.path.realpath(out))
@@ -151,10 +176,7 @@ def _check_out(out: str, flag: str, source: str | None, overwrite: bool) -> None
                 f"being quantized ({source}); saving there would replace the float model. Give "
                 "another output folder, or add --overwrite to replace it on purpose"
             )
-    try:
-        check_save_target(out, overwrite=overwrite)
-    except ValueError as e:
-        raise UserError(f"{flag}: {e}".replace("overwrite=True (CLI: --overwrite)", "--overwrite")) from None
+    check(overwrite)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -163,11 +185,21 @@ def _check_out(out: str, flag: str, source: str | None, overwrite: bool) -> None
 def _cmd_presets(args: argparse.Namespace) -> int:
     from dq.config import PRESETS
 
-    print(f"{'preset':8s} {'description':36s} {'weights':18s} {'activations':12s} needs prompts")
+    print(f"{'preset':13s} {'description':44s} {'weights':18s} {'activations':12s} needs prompts")
     for name, (spec, doc) in PRESETS.items():
         act = spec.act or "float"
         needs = "yes (calibration)" if spec.act else "no"
-        print(f"{name:8s} {doc:36s} {spec.weight + '/' + spec.weight_granularity:18s} {act:12s} {needs}")
+        print(f"{name:13s} {doc:44s} {spec.weight + '/' + spec.weight_granularity:18s} {act:12s} {needs}")
+    from dq.config import MIXED_PRESET_NAMES
+
+    if MIXED_PRESET_NAMES:
+        from dq.api import MIXED_PRESETS
+
+        for name in MIXED_PRESET_NAMES:
+            t = MIXED_PRESETS[name]
+            budget = f"avg {t.avg_weight_bits:g} bits" if t.avg_weight_bits else f"{t.weight_bytes} B"
+            doc = f"mixed precision per layer ({budget}, ILP)"
+            print(f"{name:13s} {doc:44s} {'allocated':18s} {t.act or 'float':12s} yes (sensitivity)")
     print("\nPresets with quantized activations calibrate on prompts: --prompts FILE, or the "
           "model recipe's shipped set for SD/SDXL families and the embedded pipeline.")
     return 0
@@ -259,7 +291,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     local = source if os.path.isdir(source) else None
     _check_out(args.out, "OUT", local, args.overwrite)
     device = _check_device(args.device)
-    needs_prompts = config.needs_activation_calibration and prompts is None
+    needs_prompts = _needs_prompts(config) and prompts is None
     if needs_prompts and local is not None:
         _refuse_without_prompts_if_generic(config, Path(local) / "unet" / "config.json")
 
@@ -280,7 +312,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         pipe.to(device)
     t_load = time.perf_counter() - t0
     sampling, recipe, origin = _calibration(args, pipe, local)
-    if config.needs_activation_calibration:
+    if _needs_prompts(config):
         if prompts is None:
             if recipe.name == "generic":
                 raise UserError(_no_prompts_message(config))
@@ -329,7 +361,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def _no_prompts_message(config: Any) -> str:
     return (
-        f"--config {config.name!r} quantizes activations, which are calibrated on prompts, and "
+        f"--config {config.name!r} calibrates on prompts (activation ranges or per-layer "
+        "sensitivity), and "
         "this model's family has no shipped prompt set: pass --prompts FILE (one prompt per "
         "line, 16-64 prompts like the ones the pipeline will serve), or use a weight-only "
         "preset such as w8a16 or w4a16"

@@ -57,6 +57,12 @@ class DemoSettings:
                 return dq.QuantConfig.from_json(path.read_text())
             except ValueError as e:
                 raise ValueError(f"config file {config!r} is not a valid QuantConfig JSON: {e} (CLI: --config)") from None
+        from dq.config import MIXED_PRESET_NAMES
+
+        if str(config).lower().replace("-", "_") in MIXED_PRESET_NAMES:
+            from dq.api import MIXED_PRESETS
+
+            return MIXED_PRESETS[str(config).lower().replace("-", "_")]
         return dq.QuantConfig.from_preset(config)
 
 

@@ -1433,6 +1433,15 @@ def load(path: str | os.PathLike, **kwargs: Any) -> Any:
     from diffusers import DiffusionPipeline
 
     register()
+    where = os.fspath(path)
+    if not os.path.isdir(where):
+        if os.path.exists(where):
+            raise ValueError(f"{where!r} is a file; pass the folder a pipeline was saved into")
+        if not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", str(where)):
+            raise ValueError(
+                f"{where!r} does not exist (looked in {os.getcwd()}) and is not a hub id "
+                "('owner/name'); pass the folder a pipeline was saved into"
+            )
     if os.path.isdir(path):
         _recover(Path(os.path.realpath(path)))
         check_saved(path)

@@ -1,8 +1,9 @@
 """Checks that run before any quantization work: clear errors (and warnings) about the model and
 the plan, instead of a failure deep inside torch after minutes of calibration.
 
-`check_before_quantize(unet, config, plan)` is the one call: `dq.quantize` / `dq.quantize_model`
-make it right after the plan is resolved, before calibration runs.
+`check_before_quantize(unet, config, plan)`: `dq.quantize` / `dq.quantize_model` make it right
+after the plan is resolved, before calibration runs; `check_calibration(record, plan)` right
+after the calibration run, before its ranges are used.
 
     >>> plan = dq.resolve_plan(unet, cfg)
     >>> check_before_quantize(unet, cfg, plan)   # raises or warns; returns nothing
@@ -18,7 +19,7 @@ from torch import nn
 
 from dq.config import DEFAULT_SKIP, LayerSpec, QuantConfig
 
-__all__ = ["check_before_quantize", "check_plan_coverage", "check_weights"]
+__all__ = ["check_before_quantize", "check_calibration", "check_plan_coverage", "check_weights"]
 
 
 def check_weights(unet: nn.Module, plan: Mapping[str, LayerSpec | None]) -> None:
@@ -91,6 +92,41 @@ def check_plan_coverage(
             "QuantConfig.skip and the plan",
             UserWarning,
             stacklevel=stacklevel,
+        )
+
+
+def check_calibration(record, plan: Mapping[str, LayerSpec | None], missing_run: str = "") -> None:
+    """Raise ValueError when calibration did not reach every layer whose activations the plan
+    quantizes (their ranges would be NaN), before any other use of the record.
+
+    Args:
+        record: the `dq.capture.CalibrationRecord` of the calibration run.
+        plan: the resolved plan.
+        missing_run: how to give dq a calibration run (the caller's wording), appended.
+    """
+    names = [n for n, s in plan.items() if s is not None and s.act is not None]
+    if not names:
+        return
+    fix = f" ({missing_run})" if missing_run else ""
+    if getattr(record, "num_calls", 1) == 0:
+        raise ValueError(
+            "calibration never ran the model: the calibration run finished without a single "
+            "UNet call, so no activation range was seen. Make the run call the model: with "
+            "dq.quantize_model, calibrate=fn must call fn's argument on real inputs; with "
+            f"dq.quantize, give prompts and at least one sampling step{fix}"
+        )
+
+    def seen(n: str) -> bool:
+        stats = record.layers.get(n)
+        return stats is not None and int(stats.calls.sum()) > 0
+
+    unseen = [n for n in names if not seen(n)]
+    if unseen:
+        raise ValueError(
+            f"calibration never reached {len(unseen)} layer(s) whose activations the plan "
+            f"quantizes, e.g. {unseen[:3]}: their ranges are unknown. Keep them in float "
+            "(QuantConfig(skip=[...])) or calibrate with inputs that run them"
+            f"{fix}"
         )
 
 
