@@ -57,6 +57,10 @@ __all__ = [
     "feasible_range",
     "choice_loss",
     "choice_cost",
+    "Budget",
+    "plan",
+    "plan_summary",
+    "backend_weight_formats",
 ]
 
 # The objective handed to HiGHS is (loss - per-layer min) / largest per-layer spread * this:
@@ -741,3 +745,282 @@ def pareto_choices(
         i = below[np.argmin(z[below])]
         fixed.append(out[i] if z[i] < z[j] else out[j])
     return fixed
+
+
+# ----- from a sensitivity table to a plan -----
+
+# Bits and bytes a weight kept in full precision counts for (a layer pinned to None): the
+# pipelines dq quantizes here hold fp32 weights.
+FLOAT_WEIGHT_BITS = 32
+# Bits a float activation counts for in an average-activation-bits budget (fp32 inputs).
+FLOAT_ACT_BITS = 32
+# Backends `plan` allocates for: "cpu" keeps the weight formats dq's CPU int8 engine runs with
+# 8-bit activations (`dq.modules.runs_on_engine`); "any" keeps every candidate of the table.
+BACKENDS = ("cpu", "any")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a plan may spend; every field given is one constraint, all must hold together.
+
+    Args:
+        avg_weight_bits: size-weighted average *nominal* weight bits over the table's layers
+            (``sum bits_l * numel_l / sum numel_l``; int2 counts 2 although it is stored in a
+            4-bit nibble; a float weight counts ``FLOAT_WEIGHT_BITS``).
+        weight_bytes: total bytes of the table's layers as stored (`dq.storage.spec_nbytes`:
+            codes, scales, zero points and activation parameters; float weights
+            ``numel * FLOAT_WEIGHT_BITS / 8``).
+        avg_act_bits: average activation bits over the table's layers, every layer counting
+            once (the table records no activation sizes); float inputs count
+            ``FLOAT_ACT_BITS``.
+        bitops: ``sum numel_l * weight_bits * act_bits``: bit-operations per output position
+            (the table records weight shapes, not activation sizes, so this is the per-position
+            proxy of a layer's MACs x bits).
+
+    Example:
+        >>> Budget(avg_weight_bits=4).label()
+        'avg_weight_bits=4'
+    """
+
+    avg_weight_bits: float | None = None
+    weight_bytes: float | None = None
+    avg_act_bits: float | None = None
+    bitops: float | None = None
+
+    def __post_init__(self) -> None:
+        given = self.items()
+        if not given:
+            raise ValueError(
+                "a Budget needs at least one of avg_weight_bits, weight_bytes, avg_act_bits, bitops"
+            )
+        for k, v in given:
+            if not isinstance(v, int | float | np.integer | np.floating) or not np.isfinite(v):
+                raise ValueError(f"Budget {k}={v!r}: give a finite number")
+
+    def items(self) -> list[tuple[str, float]]:
+        """(field, value) of every constraint given, in field order."""
+        names = ("avg_weight_bits", "weight_bytes", "avg_act_bits", "bitops")
+        return [(k, float(getattr(self, k))) for k in names if getattr(self, k) is not None]
+
+    def label(self) -> str:
+        return ",".join(f"{k}={v:g}" for k, v in self.items())
+
+
+def backend_weight_formats(candidates: Sequence[str], backend: str, act: str) -> list[str]:
+    """The weight candidates ``backend`` executes fast with activations ``act``.
+
+    "cpu": those for which ``runs_on_engine(LayerSpec(w, "channel", act=act))`` holds, i.e.
+    signed INT and the FP formats whose grid is an int8 code times a power of two (FP4 E2M1,
+    FP4 E3M0, FP6 E2M3), with an 8-bit engine activation; "any": every candidate.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
+    if backend == "any":
+        return list(candidates)
+    from dq.config import LayerSpec
+    from dq.modules import ENGINE_ACT_FORMATS, runs_on_engine
+
+    if act not in ENGINE_ACT_FORMATS:
+        raise ValueError(
+            f"backend 'cpu' runs activations {ENGINE_ACT_FORMATS} on its int8 engine, not "
+            f"{act!r}; use act='uint8' or backend='any'"
+        )
+    return [w for w in candidates if runs_on_engine(LayerSpec(w, "channel", act=act))]
+
+
+def plan(
+    table,
+    budget: Budget,
+    *,
+    backend: str = "cpu",
+    act: str = "uint8",
+    pin_fp: float = 0.01,
+    pinned: Mapping[str, object] | None = None,
+):
+    """A mixed-precision `QuantConfig` from a `dq.sensitivity.SensitivityTable`: one exact
+    program over every layer of both groups (content and quality) with the table's normalised
+    losses (predicted image MSE against full precision).
+
+    Candidates of a layer: pairs (weight format w, activation a) with w among the table's
+    weight candidates the backend runs fast (`backend_weight_formats`) and a = ``act``. The
+    loss of a pair is ``loss(weight w) + loss(act a)``: weight and activation errors of a layer
+    are taken to add, as errors of different layers do (the table scores them separately).
+    ``pin_fp`` keeps the most sensitive fraction of activation layers (by their loss at
+    ``act``; ``ceil(pin_fp * L)`` layers) with float inputs, weights still allocated (MixDQ
+    keeps ~1 % in FP16). Float activations cost nothing in bytes (no activation parameters)
+    and ``FLOAT_ACT_BITS`` in the act-bits and bitops budgets.
+
+    Args:
+        table: the sensitivity table (its weight and act items for ``act``).
+        budget: a `Budget` (one or more constraints).
+        backend: "cpu" (formats dq's CPU int8 engine runs with 8-bit activations) or "any".
+        act: the activation format of every layer not pinned (a table act candidate).
+        pin_fp: fraction of activation layers kept in float, most sensitive first.
+        pinned: layer name -> `LayerSpec` (one of its candidates, or with ``act=None`` for
+            float inputs) or None (full precision weights and inputs), forced.
+
+    Returns:
+        `QuantConfig(default=None, layers={every table layer: spec}, skip=())` named
+        ``"mixed-<budget>@<backend>"`` (the backend it was allocated for).
+
+    Raises:
+        ValueError: an unknown backend or act, a pin that is not a candidate, or a budget that
+            cannot be met (the message gives the feasible range of each constraint, from the
+            solver, in the budget's own units).
+
+    Example:
+        >>> cfg = plan(table, Budget(weight_bytes=2.5e6))
+        >>> cfg.name
+        'mixed-weight_bytes=2.5e+06@cpu'
+    """
+    import math
+
+    from dq import formats
+    from dq.config import LayerSpec, QuantConfig
+    from dq.storage import spec_nbytes
+
+    if not 0 <= pin_fp < 1:
+        raise ValueError(f"pin_fp={pin_fp!r}: give a fraction in [0, 1)")
+    if act not in table.candidates("act"):
+        raise ValueError(
+            f"act={act!r} is not an activation candidate of the table {table.candidates('act')}"
+        )
+    wforms = backend_weight_formats(table.candidates("weight"), backend, act)
+    if not wforms:
+        raise ValueError(f"no weight candidate of the table runs on backend {backend!r}")
+    gran, method = table.settings["weight_granularity"], table.settings["weight_method"]
+    names = sorted(table.layers)
+    if not names:
+        raise ValueError("the table has no layers")
+    pinned = dict(pinned or {})
+    unknown = sorted(set(pinned) - set(names))
+    if unknown:
+        raise ValueError(f"pinned layers not in the table: {unknown[:5]}")
+
+    def item_loss(layer, kind, cand):
+        try:
+            return table.loss(table.item(layer, kind, cand))
+        except ValueError:
+            return math.inf
+
+    # activation layers kept float: the most sensitive at `act`
+    act_loss = {n: item_loss(n, "act", act) for n in names}
+    n_fp = math.ceil(pin_fp * len(names) - 1e-9)
+    fp_act = set(sorted(names, key=lambda n: -act_loss[n])[:n_fp])
+
+    # columns: every (w, act) pair, every (w, float) pair, then full precision
+    cols: list[tuple[str | None, str | None]] = (
+        [(w, act) for w in wforms] + [(w, None) for w in wforms] + [(None, None)]
+    )
+    L, C = len(names), len(cols)
+    numel = np.array([float(table.layers[n]["numel"]) for n in names])
+    loss = np.full((L, C), np.inf)
+    wbits = np.zeros((L, C))
+    abits = np.zeros((L, C))
+    nbytes = np.zeros((L, C))
+    for i, n in enumerate(names):
+        shape = tuple(table.layers[n]["shape"])
+        for j, (w, a) in enumerate(cols):
+            wl = 0.0 if w is None else item_loss(n, "weight", w)
+            al = 0.0 if a is None else act_loss[n]
+            loss[i, j] = wl + al
+            wbits[i, j] = FLOAT_WEIGHT_BITS if w is None else formats.get(w).bits
+            abits[i, j] = FLOAT_ACT_BITS if a is None else formats.get(a).bits
+            nbytes[i, j] = (numel[i] * FLOAT_WEIGHT_BITS / 8 if w is None
+                            else spec_nbytes(LayerSpec(w, gran, method, act=a), shape))  # fmt: skip
+    # which columns a layer may take: (w, act) normally, (w, float) when pinned by pin_fp,
+    # its pin when the caller pinned it
+    allowed = np.zeros((L, C), dtype=bool)
+    for i, n in enumerate(names):
+        if n in pinned:
+            spec = pinned[n]
+            key = (None, None) if spec is None else (spec.weight, spec.act)
+            if key not in cols or (
+                spec is not None and (spec.weight_granularity, spec.weight_method) != (gran, method)
+            ):
+                raise ValueError(
+                    f"layer {n!r} is pinned to {spec!r}, which is not a candidate on backend "
+                    f"{backend!r} (weights {wforms}, activations {act!r} or float)"
+                )
+            allowed[i, cols.index(key)] = True
+        else:
+            for j, (w, a) in enumerate(cols):
+                allowed[i, j] = w is not None and (a is None) == (n in fp_act)
+    loss = np.where(allowed, loss, np.inf)
+    # budget rows: sums of per-layer terms; averages are summed (bits x params, act bits) and
+    # their budget multiplied by the divisor, so HiGHS works on well-scaled integers
+    rows, values, scale = [], [], []
+    for k, v in budget.items():
+        if k == "avg_weight_bits":
+            rows.append(wbits * numel[:, None])
+            scale.append(float(numel.sum()))
+        elif k == "weight_bytes":
+            rows.append(nbytes)
+            scale.append(1.0)
+        elif k == "avg_act_bits":
+            rows.append(abits)
+            scale.append(float(L))
+        else:
+            rows.append(wbits * abits * numel[:, None])
+            scale.append(1.0)
+        values.append(v * scale[-1])
+    cost = np.where(allowed[None], np.stack(rows), np.inf)
+    try:
+        choice = solve_choice(loss, cost, values)
+    except ValueError:
+        lo, hi = feasible_range(loss, cost)
+        rng = "; ".join(
+            f"{k} {v:.10g}: feasible from {lo[m] / scale[m]:.10g}, binds below {hi[m] / scale[m]:.10g}"
+            for m, (k, v) in enumerate(budget.items())
+        )
+        joint = " (each alone can be met, not together)" if (np.array(values) >= lo).all() else ""
+        raise ValueError(
+            f"{budget.label()} cannot be met on backend {backend!r}{joint}: {rng}"
+        ) from None
+    layers = {}
+    for i, n in enumerate(names):
+        w, a = cols[choice[i]]
+        layers[n] = None if w is None else LayerSpec(w, gran, method, act=a)
+    return QuantConfig(
+        default=None, layers=layers, skip=(), name=f"mixed-{budget.label()}@{backend}"
+    )
+
+
+def plan_summary(table, config) -> dict:
+    """Totals of a plan over the table's layers: average nominal weight bits, weight bytes
+    (as `Budget` counts them), predicted loss (sum of the normalised losses), layers with float
+    activations, and the weight formats used."""
+    import math
+
+    from dq import formats
+    from dq.storage import spec_nbytes
+
+    numel = bits = nbytes = loss = 0.0
+    fp_act, used = 0, {}
+    for n, info in table.layers.items():
+        spec = config.layers.get(n)
+        k = float(info["numel"])
+        numel += k
+        if spec is None:
+            bits += FLOAT_WEIGHT_BITS * k
+            nbytes += FLOAT_WEIGHT_BITS * k / 8
+            fp_act += 1
+            continue
+        bits += formats.get(spec.weight).bits * k
+        nbytes += spec_nbytes(spec, tuple(info["shape"]))
+        used[spec.weight] = used.get(spec.weight, 0) + 1
+        for kind, cand in (("weight", spec.weight), ("act", spec.act)):
+            if cand is None:
+                continue
+            try:
+                loss += table.loss(table.item(n, kind, cand))
+            except ValueError:
+                loss = math.inf
+        fp_act += spec.act is None
+    return {
+        "avg_weight_bits": bits / numel,
+        "weight_bytes": nbytes,
+        "predicted_loss": loss,
+        "float_act_layers": fp_act,
+        "weight_formats": dict(sorted(used.items())),
+    }

@@ -376,3 +376,168 @@ def test_pareto_falls_back_to_highs_when_the_core_search_grows(monkeypatch):
     for b, c, w in zip(budgets, got, want, strict=True):
         assert_fits(cost, c, b)
         assert choice_loss(loss, c) == pytest.approx(w, rel=REL)
+
+
+# ----- plan: from a sensitivity table to a QuantConfig -----
+
+WCANDS = ("int2", "int4", "int8", "fp4_e2m1", "fp8_e4m3")  # fp8_e4m3: not on the CPU engine
+
+
+def synthetic_table(L=12, seed=0):
+    """A hand-built SensitivityTable: L layers (content and quality), weight losses falling
+    with bits, one act candidate, layer 3's activations far the most sensitive."""
+    from dq.sensitivity import Item, SensitivityTable
+
+    rng = np.random.default_rng(seed)
+    bits = {"int2": 2, "int4": 4, "int8": 8, "fp4_e2m1": 4, "fp8_e4m3": 8}
+    layers, items = {}, []
+    for i in range(L):
+        name = f"blocks.{i}.{'attn2.to_q' if i % 2 else 'conv1'}"
+        group = "content" if i % 2 else "quality"
+        shape = [int(rng.choice([16, 32, 64])), int(rng.choice([16, 32])), 1, 1]
+        layers[name] = {
+            "group": group,
+            "shape": shape,
+            "numel": shape[0] * shape[1],
+            "type": "Conv2d",
+        }
+        scale = rng.uniform(0.1, 10)
+        for w in WCANDS:
+            err = scale * 4.0 ** -bits[w] * (0.5 if w.startswith("fp") else 1.0)
+            m = {"unet_noise": err, "sqnr_db": -10 * np.log10(err)}
+            if group == "content":
+                m |= {"image_mse": 2 * err, "ssim": 1 - err}
+            items.append(Item(name, "weight", w, group, m))
+        a_err = 50.0 if i == 3 else rng.uniform(1e-4, 1e-3)
+        m = {"unet_noise": a_err, "sqnr_db": -10 * np.log10(a_err)}
+        if group == "content":
+            m |= {"image_mse": 2 * a_err, "ssim": 1 - a_err}
+        items.append(Item(name, "act", "uint8", group, m))
+    settings = {"weight_candidates": list(WCANDS), "act_candidates": ["uint8"],
+                "weight_granularity": "channel", "weight_method": "minmax"}  # fmt: skip
+    return SensitivityTable(
+        layers=layers, items=items, settings=settings, model="synthetic", gain=2.0
+    )
+
+
+def plan_bytes(table, cfg):
+    from dq.storage import spec_nbytes
+
+    return sum(spec_nbytes(cfg.layers[n], tuple(table.layers[n]["shape"])) for n in table.layers)
+
+
+def test_plan_respects_a_bytes_budget_exactly_and_names_every_layer():
+    from dq.allocate import Budget, plan, plan_summary
+    from dq.config import LayerSpec
+    from dq.storage import spec_nbytes
+
+    table = synthetic_table()
+    int4 = sum(
+        spec_nbytes(LayerSpec("int4", act="uint8"), tuple(v["shape"]))
+        for v in table.layers.values()
+    )
+    int8 = sum(
+        spec_nbytes(LayerSpec("int8", act="uint8"), tuple(v["shape"]))
+        for v in table.layers.values()
+    )
+    prev = np.inf
+    for budget in np.linspace(int4, int8, 6):
+        cfg = plan(table, Budget(weight_bytes=budget), pin_fp=0.0)
+        assert set(cfg.layers) == set(table.layers) and cfg.default is None
+        assert cfg.name == f"mixed-weight_bytes={budget:g}@cpu"
+        assert plan_bytes(table, cfg) <= budget
+        assert all(s.act == "uint8" for s in cfg.layers.values())
+        s = plan_summary(table, cfg)
+        assert s["weight_bytes"] == plan_bytes(table, cfg) and s["predicted_loss"] <= prev + 1e-12
+        prev = s["predicted_loss"]
+    # the summed loss is that of the exact solver on the same matrices (brute force, 12 layers
+    # x 4 formats is too many: check against a smaller table)
+    small = synthetic_table(L=5, seed=3)
+    b = 0.5 * (plan_bytes(small, plan(small, Budget(weight_bytes=1e12), pin_fp=0.0)) +
+               sum(spec_nbytes(LayerSpec("int4", act="uint8"), tuple(v["shape"])) for v in small.layers.values()))  # fmt: skip
+    cfg = plan(small, Budget(weight_bytes=b), pin_fp=0.0)
+    names = sorted(small.layers)
+    forms = ["int2", "int4", "int8", "fp4_e2m1"]
+    loss = np.array([[small.loss(small.item(n, "weight", w)) + small.loss(small.item(n, "act", "uint8"))
+                      for w in forms] for n in names])  # fmt: skip
+    cost = np.array([[spec_nbytes(LayerSpec(w, act="uint8"), tuple(small.layers[n]["shape"])) for w in forms]
+                     for n in names])  # fmt: skip
+    assert plan_summary(small, cfg)["predicted_loss"] == pytest.approx(
+        brute_force(loss, cost, b), rel=REL
+    )
+
+
+def test_plan_limits_candidates_to_the_backend():
+    from dq.allocate import Budget, backend_weight_formats, plan
+    from dq.modules import runs_on_engine
+
+    table = synthetic_table()
+    assert backend_weight_formats(WCANDS, "cpu", "uint8") == ["int2", "int4", "int8", "fp4_e2m1"]
+    big = Budget(avg_weight_bits=8)
+    cpu = plan(table, big)  # fp8_e4m3 has the lowest loss at 8 bits but no CPU kernel
+    assert all(runs_on_engine(s) for s in cpu.layers.values() if s.act is not None)
+    assert {s.weight for s in cpu.layers.values()} == {"int8"}
+    anyb = plan(table, big, backend="any")
+    assert {s.weight for s in anyb.layers.values()} == {"fp8_e4m3"} and anyb.name.endswith("@any")
+    with pytest.raises(ValueError, match="backend"):
+        plan(table, big, backend="tpu")
+    with pytest.raises(ValueError, match="uint8"):
+        backend_weight_formats(WCANDS, "cpu", "uint4")
+
+
+def test_plan_pins_the_most_sensitive_activations_to_float():
+    from dq.allocate import Budget, plan
+
+    table = synthetic_table(L=12)
+    cfg = plan(table, Budget(avg_weight_bits=4), pin_fp=0.05)  # ceil(0.6) = 1 layer
+    fp = [n for n, s in cfg.layers.items() if s.act is None]
+    assert fp == ["blocks.3.attn2.to_q"]
+    assert (
+        len(
+            [
+                s
+                for s in plan(table, Budget(avg_weight_bits=4), pin_fp=0.2).layers.values()
+                if s.act is None
+            ]
+        )
+        == 3
+    )
+    assert all(
+        s.act == "uint8" for s in plan(table, Budget(avg_weight_bits=4), pin_fp=0.0).layers.values()
+    )
+
+
+def test_plan_avg_bits_budget_and_pins():
+    from dq import formats
+    from dq.allocate import Budget, plan
+    from dq.config import LayerSpec
+
+    table = synthetic_table()
+    numel = {n: v["numel"] for n, v in table.layers.items()}
+    for b in (2.0, 3.3, 5.5):
+        cfg = plan(table, Budget(avg_weight_bits=b), pin_fp=0.0)
+        avg = sum(formats.get(cfg.layers[n].weight).bits * k for n, k in numel.items()) / sum(
+            numel.values()
+        )
+        assert avg <= b + 1e-12
+    name = "blocks.0.conv1"
+    cfg = plan(table, Budget(avg_weight_bits=8), pinned={name: LayerSpec("int2", act="uint8")})
+    assert cfg.layers[name].weight == "int2"
+    with pytest.raises(ValueError, match="not a candidate"):
+        plan(table, Budget(avg_weight_bits=8), pinned={name: LayerSpec("fp8_e4m3", act="uint8")})
+
+
+def test_plan_infeasible_budget_gives_the_range():
+    from dq.allocate import Budget, plan
+
+    table = synthetic_table()
+    with pytest.raises(
+        ValueError, match=r"avg_weight_bits=1\.5 cannot be met.*feasible from 2, binds below 8"
+    ):
+        plan(table, Budget(avg_weight_bits=1.5))
+    with pytest.raises(
+        ValueError, match=r"avg_weight_bits 1.5: feasible from 2.*weight_bytes 10: feasible from"
+    ):
+        plan(table, Budget(avg_weight_bits=1.5, weight_bytes=10))
+    with pytest.raises(ValueError, match="at least one"):
+        Budget()
