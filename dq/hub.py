@@ -23,6 +23,8 @@ from dq.serialization import DQQuantizer, save_pretrained
 
 __all__ = ["model_card", "push_to_hub"]
 
+_CARD_MARK = "<!-- model card written by dq.hub.push_to_hub -->"
+
 
 def _plans(pipe: Any) -> dict[str, Any]:
     """Component name -> its resolved QuantConfig, for dq-quantized components."""
@@ -52,6 +54,8 @@ def model_card(pipe: Any, repo_id: str) -> str:
         "- quantized",
         "- text-to-image",
         "---",
+        "",
+        _CARD_MARK,
         "",
         f"# {repo_id.split('/')[-1]}",
         "",
@@ -109,7 +113,9 @@ def push_to_hub(
         commit_message: default "Upload dq-quantized <PipelineClass>".
         create_pr: open a pull request instead of committing to `revision`.
         revision: branch to commit to (default: main).
-        local_dir: keep the uploaded folder here (default: a temporary folder, removed after).
+        local_dir: keep the uploaded folder here (default: a temporary folder, removed after);
+            saving into it follows `dq.save_pretrained` (a folder dq did not write needs
+            overwrite=True), and a README.md of the user's there is kept, not replaced.
         **save_kwargs: passed to `save_pretrained` (variant, max_shard_size, ...).
 
     Returns:
@@ -125,7 +131,10 @@ def push_to_hub(
     with tempfile.TemporaryDirectory(prefix="dq-push-") as tmp:
         folder = Path(local_dir) if local_dir is not None else Path(tmp) / "repo"
         save_pretrained(pipe, folder, **save_kwargs)
-        (folder / "README.md").write_text(model_card(pipe, repo_id), encoding="utf-8")
+        readme = folder / "README.md"
+        # a README.md the user wrote in local_dir is theirs: only dq's own card is replaced
+        if not readme.exists() or _CARD_MARK in readme.read_text(encoding="utf-8", errors="replace"):
+            readme.write_text(model_card(pipe, repo_id), encoding="utf-8")
         repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         return api.upload_folder(
             repo_id=getattr(repo, "repo_id", repo_id),

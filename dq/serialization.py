@@ -22,10 +22,19 @@ quantizers do), so `DiffusionPipeline.from_pretrained(dir)` and the model classe
 file: no calibration data, no re-quantization, and only safetensors and JSON are read. Without
 `import dq`, diffusers' own error quotes the method name, which says to import dq.
 
+The safetensors headers also carry a sha256 of the plan (and a CRC per plan entry), so a plan
+edited after saving is refused with the layers it changed, even where every tensor still fits
+(int4 -> fp4_e2m1: same packed storage). Before diffusers reads a dq component's weights, the
+quantizer checks the files it will read: a pickle-only folder is refused (never unpickled), a
+truncated file gets dq's message.
+
 Saving a dq pipeline is atomic: `dq.save_pretrained(pipe, dir)` (and `pipe.save_pretrained`
 on a pipeline from `dq.quantize` / `dq.load`) writes a complete sibling folder, fsyncs it and
 swaps it in with one `renameat2(RENAME_EXCHANGE)`, so a save killed midway leaves the previous
-content intact.
+content intact. It deletes nothing dq did not write: every other file of the old folder (notes,
+README.md, .git, `unet/lora/...`) is carried over, and `.dq-manifest.json` lists what each save
+wrote. The source folder of the pipeline, the working folder and non-empty folders dq did not
+write are refused (the first and last allowed with `overwrite=True`).
 
 Example:
     >>> pipe = dq.quantize(pipe, "w4a16")
@@ -817,16 +826,21 @@ def _caller_load_args() -> tuple[Any, str | None, str | None] | None:
     """(pretrained_model_name_or_path, subfolder, variant) of the `ModelMixin.from_pretrained`
     call that is building this quantizer, read from its frame; None when not found (another
     caller, or a diffusers whose locals are named otherwise: the later header checks remain)."""
+    from diffusers.models.modeling_utils import ModelMixin
+
     frame = sys._getframe(1)
     try:
-        while frame is not None:
+        for _ in range(4):  # _precheck <- validate_environment <- ModelMixin.from_pretrained
+            if frame is None:
+                return None
             loc = frame.f_locals
-            if frame.f_code.co_name == "from_pretrained" and "pretrained_model_name_or_path" in loc:
-                return (
-                    loc["pretrained_model_name_or_path"],
-                    loc.get("subfolder"),
-                    loc.get("variant"),
-                )
+            if frame.f_code.co_name == "from_pretrained":
+                cls = loc.get("cls")
+                if not (isinstance(cls, type) and issubclass(cls, ModelMixin)):
+                    return None  # another loader (single file, a pipeline): leave it be
+                if "pretrained_model_name_or_path" not in loc:
+                    return None
+                return loc["pretrained_model_name_or_path"], loc.get("subfolder"), loc.get("variant")
             frame = frame.f_back
         return None
     finally:

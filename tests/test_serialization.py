@@ -711,6 +711,17 @@ def test_push_to_hub_uploads_the_hub_folder(saved_w8a16, tmp_path, monkeypatch):
     assert "import dq" in card and "me/tiny-w8a16" in card and "int8/channel" in card
     assert_same_tensors(pipe.unet.state_dict(), _load(up).unet.state_dict())
 
+    # local_dir: the user's own README.md there is kept; dq's card is refreshed on the next push
+    local = tmp_path / "local"
+    shutil.copytree(up, local)
+    shutil.rmtree(up)
+    dq.hub.push_to_hub(pipe, "me/tiny-w8a16", local_dir=local)
+    assert "import dq" in (local / "README.md").read_text()  # dq's card: replaced
+    (local / "README.md").write_text("# my own card")
+    shutil.rmtree(tmp_path / "uploaded")
+    dq.hub.push_to_hub(pipe, "me/tiny-w8a16", local_dir=local)
+    assert (local / "README.md").read_text() == "# my own card"
+
 
 # ----------------------------------------------------------------------------- self-contained plans
 
