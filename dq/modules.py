@@ -46,6 +46,10 @@ pair_limited_codes = quant.pair_limited_values
 
 _WEIGHT_VIEW_WARNED: set[str] = set()
 
+# The CPU engine's packed weight replaces the codes after the first forward (one copy of the
+# weight in memory); False keeps codes and the engine's cache side by side.
+COMPACT_ENGINE_WEIGHTS = True
+
 
 def weight_2d(w: torch.Tensor) -> torch.Tensor:
     """[out, in, *k] -> [out, in * prod(k)] (the layout codes and scales are defined on)."""
@@ -189,6 +193,7 @@ class QuantizedLayerMixin:
                 f"this layer (weight {list(self.weight_shape)}, scale {list(self.scale.shape)}); "
                 "quantize the layer's own weight with its resolved spec"
             )
+        self._restore_codes()
         self.qdata.copy_(storage.pack(qw.values, qw.fmt))
         self.scale.copy_(qw.scale.reshape(self.scale.shape))  # one group per row: [O, 1]
         if self.zero_point is not None:
@@ -261,8 +266,126 @@ class QuantizedLayerMixin:
             self.input_scale.copy_(saved[0])
             self.input_zero_point.copy_(saved[1])
 
+    # --- one copy of the weight at run time -----------------------------------------------
+    # After its first eager, gradient-free forward on the CPU engine a layer hands its codes
+    # to the engine: `engine_weight` (oneDNN's packed int8 weight, a non-persistent buffer, so
+    # `get_memory_footprint()` counts it) replaces `qdata`. Reading `qdata` (or `state_dict`,
+    # `dequantize`, saving, copying, `.to()`) regenerates the codes exactly from it; writing
+    # codes (`load_state_dict`, `requantize`, `.to()`) puts them back first.
+
+    @property
+    def qdata(self) -> torch.Tensor:
+        """The weight codes (regenerated from the engine's packed weight when it holds them)."""
+        bufs = self.__dict__["_buffers"]
+        if "qdata" in bufs:
+            return bufs["qdata"]
+        if "engine_weight" in bufs:
+            return self._codes_from_packed()
+        raise AttributeError("qdata")
+
+    def _conv_geo(self):
+        if not isinstance(self, QConv2d):
+            return None
+        return (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+
+    def _codes_from_packed(self) -> torch.Tensor:
+        from dq.kernels import cpu
+
+        codes = cpu.unpack_codes(self._buffers["engine_weight"], self.weight_shape, self._conv_geo())
+        fmt = formats.get(self.spec.weight)
+        if fmt.kind == "int" and fmt.bits == 8:
+            return codes
+        values = codes.float() * engine_step(fmt)
+        return storage.pack(values, fmt)
+
     def _restore_codes(self) -> None:
-        """Put the codes back in `qdata` if the engine holds them (see `compact`)."""
+        """Put the codes back in `qdata` if the engine holds them."""
+        if "engine_weight" not in self._buffers:
+            return
+        codes = self._codes_from_packed()
+        rest = {k: v for k, v in self._buffers.items() if k != "engine_weight"}
+        self._buffers = {"qdata": codes, **rest}  # qdata first, as registered
+        self._non_persistent_buffers_set.discard("engine_weight")
+        self.__dict__.pop("_engine_pair_max", None)
+
+    def _can_run_packed(self, x: torch.Tensor) -> bool:
+        from dq.kernels import cpu, get_backend
+
+        return (
+            COMPACT_ENGINE_WEIGHTS and x.device.type == "cpu" and cpu.ONEDNN_INT8
+            and self.scale.dim() == 1 and get_backend() in ("auto", "cpu")
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        )
+
+    def _engine_call(self, x: torch.Tensor, run_op) -> torch.Tensor:
+        """Run the W8A8 engine: from the packed weight when the layer holds one, else through
+        the `torch.ops.dq` op on the codes (then hand the codes to the engine)."""
+        from dq.kernels import cpu
+
+        packed = self._buffers.get("engine_weight")
+        eligible = self._can_run_packed(x)
+        if packed is not None and eligible:
+            _, w_scale = self._engine_scale()
+            return cpu.run_packed(
+                x, packed, self._engine_pair_max, w_scale, self.bias, self.input_scale,
+                self.input_zero_point, self._conv_geo(), conv=isinstance(self, QConv2d),
+            )
+        self._restore_codes()
+        w, w_scale = self._engine_weight()
+        y = run_op(w, w_scale)
+        if eligible and self._codes_survive_packing(w):
+            packed, pair_max = cpu.take_packed(w, self.weight_shape, w_scale, self._conv_geo())
+            del self._buffers["qdata"]
+            self._engine_cache = None
+            self.register_buffer("engine_weight", packed, persistent=False)
+            self._engine_pair_max = pair_max
+        return y
+
+    def _codes_survive_packing(self, w: torch.Tensor) -> bool:
+        """Whether the stored codes come back exactly from the engine's int8 codes `w` (INT
+        codes always; FP codes unless they hold negative zeros, which int8 cannot tell apart)."""
+        fmt = formats.get(self.spec.weight)
+        if fmt.kind == "int":
+            return True
+        ok = self.__dict__.get("_packs_exactly")
+        if ok is None:
+            k = int(self.weight_shape[1:].numel())
+            again = storage.pack(w.float().reshape(w.shape[0], -1)[:, :k] * engine_step(fmt), fmt)
+            ok = self._packs_exactly = bool(torch.equal(again, self._buffers["qdata"]))
+        return ok
+
+    def _engine_scale(self):
+        fmt = formats.get(self.spec.weight)
+        return None, self.scale if fmt.kind == "int" else self.scale * engine_step(fmt)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if "engine_weight" not in self._buffers:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        held = self._buffers
+        rest = {k: v for k, v in held.items() if k != "engine_weight"}
+        self._buffers = {"qdata": self._codes_from_packed(), **rest}
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._buffers = held
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._restore_codes()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._restore_codes()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if "engine_weight" in self._buffers:
+            rest = {k: v for k, v in self._buffers.items() if k != "engine_weight"}
+            state["_buffers"] = {"qdata": self._codes_from_packed(), **rest}
+            state["_non_persistent_buffers_set"] = self._non_persistent_buffers_set - {"engine_weight"}
+            state.pop("_engine_pair_max", None)
+        return state
 
     @property
     def _kernel_args(self) -> dict:
@@ -367,10 +490,9 @@ class QLinear(QuantizedLayerMixin, nn.Module):
         if x.device.type == "cpu":  # half precision is emulated (slow) on CPU; GPUs keep it
             x = x.float()
         if self.on_engine:
-            w, w_scale = self._engine_weight()
-            y = torch.ops.dq.linear_w8a8(
+            y = self._engine_call(x, lambda w, w_scale: torch.ops.dq.linear_w8a8(
                 x, w, w_scale, self.bias, self.input_scale, self.input_zero_point,
-            )
+            ))
         else:
             if self.spec.act is not None:
                 x = self._simulated_input(x)
@@ -433,11 +555,10 @@ class QConv2d(QuantizedLayerMixin, nn.Module):
             x = x.float()
         conv = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         if self.on_engine:
-            w, w_scale = self._engine_weight()
-            y = torch.ops.dq.conv2d_w8a8(
+            y = self._engine_call(x, lambda w, w_scale: torch.ops.dq.conv2d_w8a8(
                 x, w, w_scale, self.bias, self.input_scale, self.input_zero_point,
                 *conv, list(self.weight_shape),
-            )
+            ))
         else:
             if self.spec.act is not None:
                 x = self._simulated_input(x)

@@ -140,7 +140,7 @@ def test_add_adapter_training_step_updates_only_the_lora_weights():
     unet(x, torch.tensor([10]), ctx).sample.square().mean().backward()
     assert all(p.grad is not None for p in trainable)
     # B starts at zero, so only B has a gradient on the first step
-    assert all(p.grad.abs().sum() > 0 for n, p in zip(names, trainable) if "lora_B" in n)
+    assert all(p.grad.abs().sum() > 0 for n, p in zip(names, trainable, strict=True) if "lora_B" in n)
     opt.step()
     after = unet.state_dict()
     changed = {k for k, v in before.items() if not torch.equal(after[k], v)}

@@ -48,8 +48,10 @@ def cache_nbytes(module=None) -> int:
     all of them, or only those of `module`'s quantized layers."""
     if module is None:
         return cpu.PACK_CACHE.nbytes()
-    weights = [m.qdata for m in module.modules() if hasattr(m, "qdata")]
-    return cpu.PACK_CACHE.nbytes(weights)
+    # a layer whose codes the engine took over holds its packed weight as `engine_weight`
+    held = [m._buffers["engine_weight"] for m in module.modules() if "engine_weight" in m._buffers]
+    weights = [m._buffers["qdata"] for m in module.modules() if "qdata" in m._buffers]
+    return cpu.PACK_CACHE.nbytes(weights) + sum(t.nelement() * t.element_size() for t in held)
 
 
 __all__ = [

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -89,11 +90,16 @@ class PackCache:
     def clear(self) -> None:
         self._entries = WeakIdKeyDictionary()
 
+    def drop(self, w: torch.Tensor) -> None:
+        """Forget every value derived from `w`'s storage."""
+        self._entries.pop(w.untyped_storage(), None)
+
     def nbytes(self, weights: list[torch.Tensor] | None = None) -> int:
         """Bytes held by cached tensors (what the cache costs on top of the weights), for
         every cached weight or only for those derived from `weights`."""
         total = 0
         if weights is None:
+            total += sum(t.nelement() * t.element_size() for t in list(HELD_PACKED))
             groups = list(self._entries.values())
         else:
             groups = [self._entries.get(w.untyped_storage()) for w in weights]
@@ -114,6 +120,8 @@ def _version(t: torch.Tensor) -> int:
 
 
 PACK_CACHE = PackCache()
+# packed weights that replaced a layer's codes (held by the layer, counted by `nbytes`)
+HELD_PACKED: weakref.WeakSet = weakref.WeakSet()
 
 
 def clear_cache() -> None:
@@ -229,7 +237,12 @@ def _qlinear(q: torch.Tensor, xs: float, xz: int, w, k: int, s_w, bias) -> torch
     """uint8 codes [M, K] x int8 weight [N, K] -> fp32 [M, N] (exact, see module docstring)."""
     w2 = w.reshape(w.shape[0], -1)
     packed = PACK_CACHE.get(w2, ("qlinear", k), lambda: _pack_linear(w2, k))
-    w_zp, pair_max = _weight_info(w2, [w2.shape[0], k])
+    _, pair_max = _weight_info(w2, [w2.shape[0], k])
+    return _qlinear_packed(q, xs, xz, packed, pair_max, s_w, bias)
+
+
+def _qlinear_packed(q, xs: float, xz: int, packed, pair_max: int, s_w, bias) -> torch.Tensor:
+    w_zp = torch.zeros(s_w.shape[0], dtype=torch.int64)
 
     def run(codes, zp, b):
         return torch.ops.onednn.qlinear_pointwise(
@@ -269,10 +282,15 @@ def conv2d_w8a8(
         q2 = q.permute(0, 2, 3, 1).reshape(-1, k)  # [B*H*W, C], a view for channels_last x
         y = _qlinear(q2, xs, xz, w, k, s_w, bias).reshape(b, h, wd, n).permute(0, 3, 1, 2)
         return y.to(x.dtype)
-    q = q.contiguous(memory_format=torch.channels_last)
     key = ("qconv", *map(tuple, geo[:3]), groups)
     packed = PACK_CACHE.get(w, key, lambda: _pack_conv(w, shape, s_w, *geo))
-    w_zp, pair_max = _weight_info(w, shape)
+    _, pair_max = _weight_info(w, shape)
+    return _qconv_packed(q, xs, xz, packed, pair_max, s_w, bias, geo).to(x.dtype)
+
+
+def _qconv_packed(q, xs: float, xz: int, packed, pair_max: int, s_w, bias, geo) -> torch.Tensor:
+    q = q.contiguous(memory_format=torch.channels_last)
+    w_zp = torch.zeros(s_w.shape[0], dtype=torch.int64)
 
     def run(codes, zp, b):
         return torch.ops.onednn.qconv2d_pointwise(
@@ -280,7 +298,63 @@ def conv2d_w8a8(
         )
 
     y = _exact_engine_sum(q, xz, _bias_f32(bias), safe_code_max(pair_max), run)
-    return y.to(x.dtype, memory_format=torch.channels_last)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- one copy
+# A layer that runs on the engine may hand its codes over: `take_packed` returns the packed
+# weight (which then replaces the codes in the layer), `run_packed` runs from it and
+# `unpack_codes` gives the int8 codes back exactly (oneDNN's reorder to the plain layout).
+
+
+def is_conv_packed(weight_shape, geo) -> bool:
+    """Whether a conv of this geometry runs on the qconv engine (else as a GEMM)."""
+    return not (list(weight_shape[2:]) == [1, 1] and geo == ([1, 1], [0, 0], [1, 1], 1))
+
+
+def take_packed(w: torch.Tensor, weight_shape, s_w, geo=None) -> tuple[torch.Tensor, int]:
+    """(packed weight, largest pair sum) of engine codes `w`, from the cache (built if absent);
+    the cache entries of `w` are dropped (the caller keeps the packed weight)."""
+    shape = list(weight_shape)
+    k = math.prod(shape[1:])
+    if geo is not None and is_conv_packed(shape, geo):
+        packed = _pack_conv(w, shape, s_w.reshape(-1).float().contiguous(), *geo)
+        _, pair_max = _weight_info(w, shape)
+    else:
+        w2 = w.reshape(w.shape[0], -1)
+        packed = PACK_CACHE.get(w2, ("qlinear", k), lambda: _pack_linear(w2, k))
+        _, pair_max = _weight_info(w2, [w2.shape[0], k])
+    PACK_CACHE.drop(w)
+    HELD_PACKED.add(packed)
+    return packed, pair_max
+
+
+def unpack_codes(packed: torch.Tensor, weight_shape, geo=None) -> torch.Tensor:
+    """int8 codes [N, K] the packed weight was made from (exact)."""
+    n = weight_shape[0]
+    if geo is not None and is_conv_packed(list(weight_shape), geo):
+        return packed.to_dense().reshape(n, -1).contiguous()
+    return packed.to_dense().t().contiguous()  # qlinear_prepack holds [K, N]
+
+
+def run_packed(x, packed, pair_max, s_w, bias, x_scale, x_zero_point, geo=None, conv=False):
+    """The W8A8 op of `linear_w8a8` / `conv2d_w8a8` from a packed weight."""
+    xs, xz = _act_qparams(x, x_scale, x_zero_point)
+    s_w = s_w.reshape(-1).float().contiguous()
+    n = s_w.shape[0]
+    if not conv:
+        k = x.shape[-1]
+        q = quantize_act(x.reshape(-1, k), xs, xz)
+        y = _qlinear_packed(q, xs, xz, packed, pair_max, s_w, bias)
+        return y.reshape(*x.shape[:-1], n).to(x.dtype)
+    q = quantize_act(x, xs, xz)
+    if packed.dim() == 2:  # a pointwise conv, run as a GEMM over channels_last pixels
+        b, c, h, wd = x.shape
+        q2 = q.permute(0, 2, 3, 1).reshape(-1, c)
+        y = _qlinear_packed(q2, xs, xz, packed, pair_max, s_w, bias)
+        return y.reshape(b, h, wd, n).permute(0, 3, 1, 2).to(x.dtype)
+    y = _qconv_packed(q, xs, xz, packed, pair_max, s_w, bias, geo)
+    return y.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- weight-only
