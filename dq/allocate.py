@@ -1024,3 +1024,62 @@ def plan_summary(table, config) -> dict:
         "float_act_layers": fp_act,
         "weight_formats": dict(sorted(used.items())),
     }
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_cli(subparsers) -> None:
+    """Register `dq allocate TABLE --budget ... --out PLAN.json`."""
+    p = subparsers.add_parser(
+        "allocate", help="pick a format per layer from a sensitivity table under a budget",
+        description="One exact integer program over every layer (dq.allocate.plan); prints the "
+                    "plan summary and writes the plan JSON (load it with dq quantize --config).",
+    )
+    p.add_argument("table", help="a table.json written by dq sensitivity")
+    g = p.add_argument_group("budget (one or more)")
+    g.add_argument("--avg-weight-bits", type=float, default=None, help="size-weighted nominal weight bits")
+    g.add_argument("--weight-bytes", type=float, default=None, help="bytes of codes, scales, zero points")
+    g.add_argument("--avg-act-bits", type=float, default=None, help="average activation bits over layers")
+    p.add_argument("--backend", choices=BACKENDS, default="cpu", help="formats the target runs fast (default: cpu)")
+    p.add_argument("--act", default="uint8", help="activation format of every layer (default: uint8)")
+    p.add_argument("--pin-fp", type=float, default=0.01, help="most sensitive fraction of activation layers kept float")
+    p.add_argument("--out", default=None, help="write the plan (QuantConfig JSON) here")
+    p.set_defaults(func=_cli_run)
+
+
+def _cli_run(args) -> int:
+    from pathlib import Path
+
+    from dq.sensitivity import SensitivityTable
+
+    path = Path(args.table)
+    if not path.is_file():
+        raise SystemExit(f"dq allocate: TABLE {args.table}: no such file (write one with dq sensitivity)")
+    try:
+        table = SensitivityTable.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"dq allocate: TABLE {args.table} is not a sensitivity table: {e}") from None
+    if args.avg_weight_bits is None and args.weight_bytes is None and args.avg_act_bits is None:
+        raise SystemExit("dq allocate: give a budget: --avg-weight-bits, --weight-bytes or --avg-act-bits")
+    budget = Budget(avg_weight_bits=args.avg_weight_bits, weight_bytes=args.weight_bytes,
+                    avg_act_bits=args.avg_act_bits)
+    try:
+        cfg = plan(table, budget, backend=args.backend, act=args.act, pin_fp=args.pin_fp)
+    except ValueError as e:
+        raise SystemExit(f"dq allocate: {e}") from None
+    s = plan_summary(table, cfg)
+    groups: dict[str, dict[str, int]] = {}
+    for n, spec in cfg.layers.items():
+        g = groups.setdefault(table.layers[n]["group"], {})
+        key = "float" if spec is None else f"{spec.weight}/{spec.act or 'float'}"
+        g[key] = g.get(key, 0) + 1
+    print(f"dq: plan {cfg.name} for {len(cfg.layers)} layers")
+    for g, counts in sorted(groups.items()):
+        print(f"  {g:8s} " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    print(f"  average weight bits {s['avg_weight_bits']:.3f}, weight bytes {s['weight_bytes']:.0f}, "
+          f"predicted loss {s['predicted_loss']:.3e}, float activations {s['float_act_layers']}")
+    if args.out:
+        Path(args.out).write_text(cfg.to_json())
+        print(f"dq: wrote {args.out}")
+    return 0

@@ -16,6 +16,7 @@ commands that need them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -456,7 +457,7 @@ def _quantize_epilog() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dq", description="Low-bit quantization of diffusers text-to-image pipelines."
     )
@@ -509,11 +510,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_presets)
     p = sub.add_parser("formats", help="list number formats (and which can be activations)")
     p.set_defaults(func=_cmd_formats)
+    # stages with their own commands: a stage's module (torch and all) is imported only when
+    # its command is the one asked for; otherwise a placeholder keeps it in `dq --help`
+    asked = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), None)
+    for name, (module, summary) in _STAGE_COMMANDS.items():
+        if name == asked:
+            importlib.import_module(module).add_cli(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
+_STAGE_COMMANDS = {
+    "sensitivity": ("dq.sensitivity", "score every layer x candidate format against full precision"),
+    "allocate": ("dq.allocate", "pick a format per layer from a sensitivity table under a budget"),
+    "eval": ("dq.evaluate", "generate and score images: FID, CLIP, PSNR/SSIM/LPIPS vs a reference"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # bad input: the message names the problem and the fix

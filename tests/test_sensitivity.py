@@ -137,3 +137,21 @@ def test_cli_writes_the_table(pipe, tmp_path):
                              "--out", str(tmp_path / "o2")])
     with pytest.raises(SystemExit, match="--prompts"):
         bad.func(bad)
+
+
+def test_dq_allocate_cli_writes_a_plan_within_budget(table, tmp_path, capsys):
+    from dq import cli
+    from dq.config import QuantConfig
+
+    (tmp_path / "t.json").write_text(table.to_json())
+    rc = cli.main(["allocate", str(tmp_path / "t.json"), "--avg-weight-bits", "5", "--out", str(tmp_path / "plan.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "average weight bits" in out and "predicted loss" in out
+    cfg = QuantConfig.from_json((tmp_path / "plan.json").read_text())
+    assert set(cfg.layers) == set(table.layers)
+    bits = sum(info["numel"] * (int(cfg.layers[n].weight[-1]) if cfg.layers[n] else 32)
+               for n, info in table.layers.items()) / sum(i["numel"] for i in table.layers.values())
+    assert bits <= 5 + 1e-9
+    with pytest.raises(SystemExit, match="give a budget"):
+        cli.main(["allocate", str(tmp_path / "t.json")])
