@@ -328,6 +328,9 @@ def _calibrate_and_apply(
             "another config"
         )
     plan = resolve_plan(unet, cfg)
+    from dq import validate
+
+    validate.check_before_quantize(unet, cfg, plan)  # meta / NaN weights, unmatched skips
     act_ranges: dict[str, tuple[float, float]] = {}
     qweights: dict[str, QWeight] = {}
     bos, bos_layers = None, []
@@ -348,6 +351,7 @@ def _calibrate_and_apply(
             run()
         record = cap.record
         if needs_act:
+            validate.check_calibration(record, plan, missing_run)  # layers that never ran
             act_ranges = _act_ranges(record, plan)
         if bos_layers:
             bos = prompt_independent_bos(record)
@@ -424,6 +428,9 @@ def quantize(
         n = recipe.calibration.num_prompts
         calib_prompts = recipes.calibration_prompts(recipe)[:n]
     if isinstance(cfg, MixedPrecision):
+        from dq import validate
+
+        validate.check_weights(unet, {n: LayerSpec() for n in quantizable_layers(unet)})  # before the costly run
         cfg = _allocated_config(pipe, cfg, calib_prompts, sampling, sensitivity, sensitivity_cache, progress)
     elif sensitivity is not None or sensitivity_cache is not None:
         raise ValueError("sensitivity= and sensitivity_cache= apply to mixed-precision configs only")
@@ -436,8 +443,11 @@ def quantize(
         unet, cfg, run, rounding=rounding, rounding_settings=rounding_settings, progress=progress,
         missing_run="pass calib_prompts=[...] (16-64 prompts like the ones the pipeline will serve)",
     )
-    from dq.serialization import bind_atomic_save
+    from dq.serialization import bind_atomic_save, record_calibration
 
+    if calib_prompts is not None:
+        record_calibration(unet, {"num_prompts": len(calib_prompts), "sampling": sampling.to_dict(),
+                                  "rounding": rounding})
     return bind_atomic_save(pipe)  # pipe.save_pretrained now writes atomically
 
 

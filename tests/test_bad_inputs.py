@@ -280,10 +280,10 @@ API_CASES = [
     Case("activations-without-prompts", "api",
          lambda c: __import__("dq").quantize_model(c.fresh().unet, "w8a8"),
          (r"quantizes activations and needs calibration", r"calibrate=")),
-    Case("meta-device-unet", "api", _meta_unet, (r"meta device", r"from_pretrained"), pending_api=True),
-    Case("nan-weights", "api", _nan_weight, (re.escape(LAYER), r"NaN", r"skip"), pending_api=True),
+    Case("meta-device-unet", "api", _meta_unet, (r"meta device", r"from_pretrained")),
+    Case("nan-weights", "api", _nan_weight, (re.escape(LAYER), r"NaN", r"skip")),
     Case("calibrate-never-calls-model", "api", _calibrate_never_runs,
-         (r"never ran the model", r"calibrate=fn"), pending_api=True),
+         (r"never ran the model", r"calibrate=fn")),
     Case("plan-names-missing-layer", "api",
          lambda c: _quantize(c, __import__("dq").QuantConfig(layers={"down_blocks.9.nope": None})),
          (r"does not have", r"named_modules")),
@@ -294,10 +294,10 @@ API_CASES = [
     Case("skip-plain-name-like-diffusers", "api", _skip_plain_name, kind="works"),
     Case("skip-matches-nothing", "api",
          lambda c: _quantize(c, __import__("dq").QuantConfig(default=__import__("dq").LayerSpec("int8"), skip=["to_kk"])),
-         (r"'to_kk'", r"match none", r"named_modules"), kind="warning", pending_api=True),
+         (r"'to_kk'", r"match none", r"named_modules"), kind="warning"),
     Case("nothing-quantized", "api",
          lambda c: _quantize(c, __import__("dq").QuantConfig(default=None)),
-         (r"quantizes none", r"skip"), kind="warning", pending_api=True),
+         (r"quantizes none", r"skip"), kind="warning"),
 ]
 
 
