@@ -70,7 +70,8 @@ def load_table(pipe, s: Settings) -> SensitivityTable:
     """The one table (default candidates), computed once into the cache and reused."""
     prompts = dq.assets.calibration_prompts()[: s.n_calib]
     return analyze(
-        pipe, prompts, settings=SensitivitySettings(), cache_dir=ROOT / s.cache / "sensitivity"
+        pipe, prompts, settings=SensitivitySettings(num_images=s.sens_images),
+        cache_dir=ROOT / s.cache / "sensitivity", progress=False,
     )
 
 
