@@ -15,7 +15,7 @@ import torch
 class DemoSettings:
     out: Path = Path("out/run")  # output folder
     config: str = "w8a8"  # preset name or a QuantConfig JSON file
-    pipeline: str | None = None  # pipeline folder; None = the embedded one in assets/
+    pipeline: str | None = None  # pipeline folder; None = the embedded one in dq/data/
     num_prompts: int = 8  # held-out prompts to generate and compare
     num_calib: int = 16  # calibration prompts
     steps: int | None = None  # sampling steps; None = the pipeline's default for dq
@@ -178,7 +178,7 @@ def run_demo(settings: DemoSettings) -> dict:
 
     report = {
         "config": settings.config,
-        "pipeline": settings.pipeline or "embedded (assets/)",
+        "pipeline": settings.pipeline or "embedded (dq/data)",
         "num_prompts": len(prompts),
         "sampling": call,
         "quantize_seconds": round(quant_seconds, 2),
