@@ -40,7 +40,7 @@ from dq import recipes
 class Settings:
     models: tuple[str, ...] = ("sd15", "embedded", "embedded-pipeline")  # also "tiny"
     configs: tuple[str, ...] = (
-        "fp32", "dq-w8a8", "dq-w8a8-full", "dq-w7a8", "dq-w4a8-uniform", "dq-w4a8-mixed", "dq-w4a16", "dq-fp8",
+        "fp32", "dq-w8a8", "dq-w8a8-full", "dq-w7a8", "dq-w4a8-uniform", "dq-w4a8-mixed", "dq-w4a8-mixed-pattern", "dq-w4a16", "dq-fp8",
         "torchao-int8-dynamic", "torchao-int8-weight-only", "quanto-w8a8",
     )
     sd15_latent: int = 32  # latent side for the SD 1.5 UNet: 256 px images, ~2-3 s per fp32 forward here
@@ -107,8 +107,8 @@ def apply_config(unet, config: str, make_inputs) -> str | None:
                     model(**inp)
 
         note = None
-        if config == "dq-w4a8-mixed":
-            cfg, note = mixed_cpu_plan(unet)
+        if config in ("dq-w4a8-mixed", "dq-w4a8-mixed-pattern"):
+            cfg, note = mixed_cpu_plan(unet) if config == "dq-w4a8-mixed" else pattern_plan(unet)
             dq.quantize_model(unet, cfg, calibrate=calibrate, progress=False)
             return note
         cfg = dq_config(config)
@@ -234,6 +234,25 @@ def mixed_cpu_plan(unet):
     used = {f: int((np.array([cands[c] for c in choice]) == f).sum()) for f in cands}
     note = f"ILP plan for the cpu backend, bytes <= uniform INT4 ({budget} B): {used}; losses: weight-error proxy"
     return dq.QuantConfig(default=None, layers=plan, name="w4a8-mixed-cpu"), note
+
+
+def pattern_plan(unet):
+    """The format pattern dq's ILP chose on the embedded pipeline at INT4's bytes
+    (eval/results/allocate_embedded.md: FP4 E2M1 where the recipe's content layers are,
+    INT4 elsewhere) applied to this UNet: a heterogeneous plan of the same bytes, for speed."""
+    import dq
+    from dq import recipes
+
+    recipe = recipes.get("sd15")
+    plan = {}
+    for n in dq.quantizable_layers(unet):
+        if recipe.is_skipped(n):
+            continue
+        w = "fp4_e2m1" if recipe.layer_group(n) == "content" else "int4"
+        plan[n] = dq.LayerSpec(w, "channel", act="uint8")
+    used = {f: sum(s.weight == f for s in plan.values()) for f in ("fp4_e2m1", "int4")}
+    note = f"embedded ILP pattern: content layers fp4_e2m1, quality int4 {used}"
+    return dq.QuantConfig(default=None, layers=plan, name="w4a8-mixed-pattern"), note
 
 
 def dq_config(config: str):
