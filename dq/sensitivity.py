@@ -76,6 +76,8 @@ class SensitivitySettings:
         kinds: which kinds to score ("weight", "act").
         num_images: prompts (of those given) whose images score content items.
         num_unet_calls: calibration UNet calls stored for the SQNR of quality items.
+        max_rows: batch rows of those calls kept for the SQNR forward, evenly spaced over the
+            calls (so over the trajectory); None keeps all (calls x batch, e.g. 16 x 16).
         sampling: pipeline arguments of the calibration and image runs; None: the recipe's.
     """
 
@@ -86,6 +88,7 @@ class SensitivitySettings:
     kinds: tuple[str, ...] = KINDS
     num_images: int = 8  # 8 prompts x every content item: the dominant cost
     num_unet_calls: int = 16  # stored calls spread over the trajectory, one batched forward
+    max_rows: int | None = 64  # latents of those calls kept, evenly spread (the SQNR forward's batch)
     sampling: Sampling | None = None
 
     def __post_init__(self) -> None:
@@ -105,6 +108,8 @@ class SensitivitySettings:
                     raise ValueError(f"{attr} is empty; give at least one format or None for the recipe's")
                 for f in v:
                     formats.get(f)  # unknown name -> ValueError listing the known ones
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"max_rows={self.max_rows}: must be >= 1 or None (all rows)")
         if self.num_images < 1 or self.num_unet_calls < 1:
             raise ValueError(
                 f"num_images={self.num_images}, num_unet_calls={self.num_unet_calls}: both must be >= 1"
@@ -241,6 +246,7 @@ def _settings_dict(s: SensitivitySettings, prompts: list[str], sampling: Samplin
         "weight_candidates": list(wc), "act_candidates": list(ac),
         "weight_granularity": s.weight_granularity, "weight_method": s.weight_method,
         "kinds": list(s.kinds), "num_images": s.num_images, "num_unet_calls": s.num_unet_calls,
+        "max_rows": s.max_rows,
         "sampling": sampling.to_dict(),
         "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
     }
@@ -274,7 +280,7 @@ def _default_shard() -> tuple[int, int]:
         from accelerate import PartialState
 
         if os.environ.get("WORLD_SIZE") or os.environ.get("ACCELERATE_MIXED_PRECISION"):
-            st = PartialState()
+            st = PartialState(cpu=not torch.cuda.is_available())
             return st.process_index, st.num_processes
     except ImportError:  # pragma: no cover - accelerate is a dependency
         pass
@@ -308,6 +314,10 @@ class _Reference:
             progress=progress, **{**sampling.call_kwargs(), "batch_size": sampling.batch_size, "seed": sampling.seed},
         )
         calls = _batched_calls(record.unet_calls)
+        n = calls["sample"].shape[0]
+        if settings.max_rows is not None and n > settings.max_rows:  # evenly over calls / timesteps
+            keep = torch.linspace(0, n - 1, settings.max_rows).round().long()
+            calls = {k: v[keep] for k, v in calls.items()}
         images = generate(pipe, prompts[: settings.num_images], sampling, progress=progress, desc="dq reference images")
         tensors = {"images": images.contiguous(), **{f"call.{k}": v.contiguous() for k, v in calls.items()}}
         tensors["output"] = _unet_forward(pipe.unet, calls)
@@ -498,7 +508,7 @@ def analyze(
 def _barrier() -> None:
     from accelerate import PartialState
 
-    PartialState().wait_for_everyone()
+    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
 def _prepare_reference(pipe, prompts, sampling, settings, folder, fp, sdict, rank, world, progress) -> _Reference:

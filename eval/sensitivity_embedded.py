@@ -55,7 +55,7 @@ def part_table(s: Settings, pipe, prompts) -> dict:
     secs = time.perf_counter() - t0
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
+    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
         (ROOT / s.cache / "table.json").write_text(table.to_json())
     n_items = len(table.items)
     per_group = {}
@@ -160,8 +160,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="+", default=["table", "stability", "additivity"])
     ap.add_argument("--cache", default=None)
+    ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
-    s = Settings(cache=a.cache or Settings.cache)
+    s = Settings(cache=a.cache or Settings.cache, threads=a.threads or Settings.threads)
     torch.set_num_threads(s.threads)
     pipe = assets.load_embedded_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -174,7 +175,7 @@ def main() -> None:
         res = part_table(s, pipe, prompts)
         from accelerate import PartialState
 
-        st = PartialState()
+        st = PartialState(cpu=not torch.cuda.is_available())
         rank = st.process_index
         key = "table_1_process" if st.num_processes == 1 else f"table_{st.num_processes}_processes"
         results[key] = res

@@ -155,3 +155,13 @@ def test_dq_allocate_cli_writes_a_plan_within_budget(table, tmp_path, capsys):
     assert bits <= 5 + 1e-9
     with pytest.raises(SystemExit, match="give a budget"):
         cli.main(["allocate", str(tmp_path / "t.json")])
+
+
+def test_stored_rows_are_capped_evenly_over_the_trajectory(pipe):
+    st = S.SensitivitySettings(weight_candidates=("int8",), kinds=("weight",), num_images=1,
+                               num_unet_calls=2, max_rows=3, sampling=SETTINGS.sampling)
+    ref = S._Reference.compute(pipe, PROMPTS, SETTINGS.sampling, st, progress=False)[0]
+    assert ref.calls["sample"].shape[0] == 3 == ref.output.shape[0]
+    assert len(set(ref.calls["timestep"].tolist())) == 2  # both stored calls (timesteps) kept
+    with pytest.raises(ValueError, match="max_rows"):
+        S.SensitivitySettings(max_rows=0)
