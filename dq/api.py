@@ -475,15 +475,9 @@ def _as_sampling(calibration: Sampling | Mapping[str, Any] | None, defaults) -> 
 
 
 def _act_ranges(record, plan: dict[str, LayerSpec | None]) -> dict[str, tuple[float, float]]:
-    names = [n for n, s in plan.items() if s is not None and s.act is not None]
-    missing = [n for n in names if n not in record.layers]
-    if missing:
-        raise ValueError(
-            f"calibration saw no input for {len(missing)} layer(s) that quantize activations, "
-            f"e.g. {missing[:3]}; they never ran during calibration. Keep them in float "
-            "(QuantConfig.skip) or calibrate with inputs that reach them"
-        )
-    return {n: record.minmax(n) for n in names}
+    """Calibrated (min, max) of every layer that quantizes activations (`dq.validate.
+    check_calibration` has refused layers that never ran)."""
+    return {n: record.minmax(n) for n, s in plan.items() if s is not None and s.act is not None}
 
 
 def _resolved_config(cfg: QuantConfig, plan: dict[str, LayerSpec | None]) -> QuantConfig:

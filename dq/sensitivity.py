@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 from dq import formats
 from dq.config import LayerSpec
 from dq.generate import Sampling, check_prompts, generate
-from dq.modules import check_spec_fits
+from dq.modules import QuantizedLayerMixin, check_spec_fits
+from dq.recipes import BOS_LAYER_SUFFIXES
 from dq.simulate import fake_quantized
 from dq.storage import resolve_spec, spec_nbytes
 
@@ -361,7 +362,7 @@ def _image_metrics(images: torch.Tensor, ref: torch.Tensor, prompts, evaluators)
 def _score(pipe, ref: _Reference, layer: str, kind: str, cand: str, spec: LayerSpec, group: str,
            image_prompts, sampling, evaluators, ref_clip) -> dict[str, float]:
     unet = pipe.unet
-    bos_layers = [layer] if (ref.bos is not None and layer.endswith(("attn2.to_k", "attn2.to_v"))) else []
+    bos_layers = [layer] if (ref.bos is not None and layer.endswith(BOS_LAYER_SUFFIXES)) else []
     with fake_quantized(unet, {layer: spec}, ref.ranges, weights=kind == "weight",
                         activations=kind == "act", bos=ref.bos, bos_layers=bos_layers):
         y = _unet_forward(unet, ref.calls)
@@ -419,7 +420,7 @@ def analyze(
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, nn.Module):
         raise ValueError("analyze needs a diffusers pipeline with a `unet`")
-    if any(type(m).__name__ in ("QLinear", "QConv2d") for m in unet.modules()):
+    if any(isinstance(m, QuantizedLayerMixin) for m in unet.modules()):
         raise ValueError("the pipeline's UNet is already quantized; analyze the float pipeline")
     recipe = recipes.get(recipe) if recipe is not None else recipes.recipe_for(pipe)
     rank, world = shard or _default_shard()
