@@ -231,3 +231,14 @@ def test_w8a8_preset_layers_run_in_one_engine_pass(monkeypatch):
     assert cpu.safe_code_max(int(quant.pair_absmax(lin.qdata).max())) == 255
     plain = QLinear.from_float(nn.Linear(64, 32), replace(spec, pair_limit=None), act_range=(-1.0, 1.0))
     assert int(quant.pair_absmax(plain.qdata).max()) > 128  # what the limit avoids
+
+
+def test_cache_nbytes_counts_the_derived_int8_copy_of_fp_weights_on_the_engine():
+    from dq import kernels
+
+    q = QLinear.from_float(nn.Linear(256, 128), LayerSpec("fp4_e2m1", act="uint8"), act_range=(-1.0, 1.0))
+    with torch.inference_mode():
+        q(torch.randn(4, 256))
+    numel = 256 * 128
+    # derived int8 codes (1 byte per weight) and the engine's packed copy of them
+    assert kernels.cache_nbytes(q) >= 2 * numel

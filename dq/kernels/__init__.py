@@ -50,7 +50,11 @@ def cache_nbytes(module=None) -> int:
         return cpu.PACK_CACHE.nbytes()
     # a layer whose codes the engine took over holds its packed weight as `engine_weight`
     held = [m._buffers["engine_weight"] for m in module.modules() if "engine_weight" in m._buffers]
-    weights = [m._buffers["qdata"] for m in module.modules() if "qdata" in m._buffers]
+    # FP weights on the int8 engine: int8 codes derived from their packed FP codes (and the
+    # engine's packed copy of those) are held too
+    derived = [c[1] for m in module.modules() if (c := getattr(m, "_engine_cache", None)) is not None]
+    held += derived
+    weights = [m._buffers["qdata"] for m in module.modules() if "qdata" in m._buffers] + derived
     return cpu.PACK_CACHE.nbytes(weights) + sum(t.nelement() * t.element_size() for t in held)
 
 
