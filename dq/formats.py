@@ -25,8 +25,14 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
-import torch
+from dq._lazy import deferred_import
+
+if TYPE_CHECKING:
+    import torch
+else:  # `dq presets` / `dq --help` read formats without paying for torch
+    torch = deferred_import("torch", globals())
 
 __all__ = [
     "IntFormat",
@@ -242,7 +248,7 @@ class FPFormat:
     @property
     def max(self) -> float:
         """Largest finite value."""
-        return _fp_tables(self)[2]
+        return _fp_values(self)[2]
 
     @property
     def min(self) -> float:
@@ -440,17 +446,26 @@ Format = IntFormat | FPFormat
 
 
 @functools.cache
-def _fp_tables(fmt: FPFormat):
-    """(value of every code float32 [2**bits], finite grid ascending, max,
-    (non-negative finite values ascending, their codes uint8))."""
+def _fp_values(fmt: FPFormat):
+    """(value of every code [2**bits], finite values ascending, max, (code, value) of the
+    non-negative finite values ascending) as plain Python numbers: a format is defined and
+    checked without torch."""
     n = fmt.exp_bits + fmt.man_bits
     values = [fmt._code_value(c) for c in range(1 << fmt.bits)]
-    table = torch.tensor(values, dtype=torch.float32)
     finite = sorted({v for v in values if math.isfinite(v)})
     pos = sorted((v, c) for c, v in enumerate(values[: 1 << n]) if math.isfinite(v))
+    return values, finite, max(finite), pos
+
+
+@functools.cache
+def _fp_tables(fmt: FPFormat):
+    """(value of every code float32 [2**bits], finite grid ascending float32, max,
+    (non-negative finite values ascending float32, their codes uint8))."""
+    values, finite, fmax, pos = _fp_values(fmt)
+    table = torch.tensor(values, dtype=torch.float32)
     pos_vals = torch.tensor([v for v, _ in pos], dtype=torch.float32)
     pos_codes = torch.tensor([c for _, c in pos], dtype=torch.uint8)
-    return table, torch.tensor(finite, dtype=torch.float32), max(finite), (pos_vals, pos_codes)
+    return table, torch.tensor(finite, dtype=torch.float32), fmax, (pos_vals, pos_codes)
 
 
 # ----- registry -----

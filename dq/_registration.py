@@ -1,0 +1,94 @@
+"""dq's quantizer registered with diffusers without `import dq` importing diffusers (or torch).
+
+diffusers finds quantizers in the module-level dicts of `diffusers.quantizers.auto`
+(`dq.serialization.register` adds dq's entries there). `install()` runs on `import dq`:
+
+- if that module is already imported, dq registers at once (diffusers, and so torch, are
+  loaded already: nothing is added to the import cost);
+- otherwise a finder on `sys.meta_path` waits for it: when anything imports it (diffusers
+  does on the first model or pipeline load), the module runs as usual and dq registers right
+  after, before the importer sees it, then the finder removes itself.
+
+A registration that fails (a broken install) warns with the cause instead of breaking
+diffusers' import for every other quantizer.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+import warnings
+from types import ModuleType
+from typing import Any
+
+TARGET = "diffusers.quantizers.auto"
+
+
+def _register() -> None:
+    try:
+        from dq import serialization
+
+        serialization.register()
+    except Exception as e:  # pragma: no cover - only on a broken install
+        warnings.warn(
+            f"dq could not register its quantizer with diffusers ({type(e).__name__}: {e}); "
+            "dq-quantized folders will not load until this is fixed (reinstall dq)",
+            stacklevel=2,
+        )
+
+
+class _Loader(importlib.abc.Loader):
+    """The real loader of TARGET, then dq's registration."""
+
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self._inner = inner
+
+    def create_module(self, spec: Any) -> ModuleType | None:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__loader__ = self._inner  # tools that read sources see the real loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._inner
+        self._inner.exec_module(module)
+        _register()
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, ...
+        return getattr(self._inner, name)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != TARGET:
+            return None
+        uninstall()  # one shot: the next import of anything is untouched
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _Loader(spec.loader)
+                return spec
+        return None
+
+
+_FINDER = _Finder()
+
+
+def installed() -> bool:
+    """Whether dq is still waiting for diffusers' registry to be imported."""
+    return _FINDER in sys.meta_path
+
+
+def uninstall() -> None:
+    while _FINDER in sys.meta_path:
+        sys.meta_path.remove(_FINDER)
+
+
+def install() -> None:
+    """Register now if diffusers' registry is loaded, else when it is (idempotent)."""
+    module = sys.modules.get(TARGET)
+    if module is not None and not getattr(module.__spec__, "_initializing", False):
+        _register()
+    elif not installed():
+        sys.meta_path.insert(0, _FINDER)
