@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dq import formats, quant, storage
+from dq import formats, kernels, quant, storage  # noqa: F401  (kernels: registers torch.ops.dq)
 from dq.config import LayerSpec
 from dq.quant import QWeight
 from dq.storage import resolve_spec  # noqa: F401  (re-exported: the plan resolver uses it)
