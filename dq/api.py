@@ -430,7 +430,8 @@ def quantize(
     if isinstance(cfg, MixedPrecision):
         from dq import validate
 
-        validate.check_weights(unet, {n: LayerSpec() for n in quantizable_layers(unet)})  # before the costly run
+        validate.check_adapters(unet)  # before the costly sensitivity run
+        validate.check_weights(unet, {n: LayerSpec() for n in quantizable_layers(unet)})
         cfg = _allocated_config(pipe, cfg, calib_prompts, sampling, sensitivity, sensitivity_cache, progress)
     elif sensitivity is not None or sensitivity_cache is not None:
         raise ValueError("sensitivity= and sensitivity_cache= apply to mixed-precision configs only")

@@ -346,8 +346,36 @@ def attach_quantization_config(model: nn.Module, cfg: QuantConfig) -> None:
     model.is_quantized = True
     model.quantization_method = qcfg.quant_method
     model._dq_config = cfg
+    allow_same_dtype_to(model)
     if hasattr(model, "register_to_config"):
         model.register_to_config(quantization_config=qcfg)
+
+
+def _quantized_to(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    """`model.to(...)` for a dq-quantized diffusers model (installed by `allow_same_dtype_to`)."""
+    dtype = kwargs.pop("dtype", None)
+    rest = [a for a in args if not isinstance(a, torch.dtype)]
+    dtype = next((a for a in args if isinstance(a, torch.dtype)), dtype)
+    if dtype is not None and dtype != model.dtype:
+        raise ValueError(
+            f"this {type(model).__name__} is quantized by dq with its float parts in "
+            f"{model.dtype}; casting it to {dtype} is not supported (codes and scales stay as "
+            f"quantized). Quantize the pipeline loaded in {dtype} (dq.quantize on a pipeline "
+            f"loaded with dtype={dtype}, or `dq quantize --dtype`), or keep {model.dtype}: "
+            f"with from_pipe pass dtype={model.dtype}"
+        )
+    return type(model).to(model, *rest, **kwargs)  # a device move, or nothing
+
+
+def allow_same_dtype_to(model: nn.Module) -> None:
+    """Let `model.to(dtype=...)` through when the dtype is the model's own.
+
+    diffusers' `ModelMixin.to` refuses any dtype on a quantized model, even one that casts
+    nothing, and `Pipeline.from_pipe` always passes one (float32 unless told otherwise), so
+    `StableDiffusionImg2ImgPipeline.from_pipe(quantized)` failed. The instance's `to` drops a
+    dtype equal to `model.dtype` and refuses any other with the fix; devices move as before.
+    """
+    model.to = types.MethodType(_quantized_to, model)
 
 
 def _get_submodule(model: nn.Module, name: str) -> nn.Module | None:
@@ -577,6 +605,7 @@ class DQQuantizer(DiffusersQuantizer):
             )
         self.quantization_config._bind(model)
         model._dq_config = self.quantization_config.quant_config
+        allow_same_dtype_to(model)
         calibration = _parse_calibration(self._meta)
         if calibration is not None:
             model._dq_calibration = calibration

@@ -19,7 +19,41 @@ from torch import nn
 
 from dq.config import DEFAULT_SKIP, LayerSpec, QuantConfig
 
-__all__ = ["check_before_quantize", "check_calibration", "check_plan_coverage", "check_weights"]
+__all__ = [
+    "check_adapters",
+    "check_before_quantize",
+    "check_calibration",
+    "check_plan_coverage",
+    "check_weights",
+]
+
+
+def check_adapters(unet: nn.Module) -> None:
+    """Raise ValueError when the model carries unfused adapters (peft LoRA layers).
+
+    Quantizing them would turn each adapter's A/B factors into quantized layers of their own
+    and leave peft's wrapper around a base it cannot fuse into or read; dq quantizes plain
+    weights, and LoRA goes either into the weights first (fused) or onto the quantized model
+    afterwards (kept in float beside the quantized base, `dq.lora`).
+    """
+    import sys
+
+    if "peft" not in sys.modules:  # no peft imported: no adapter can exist
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)]
+    if not wrapped:
+        return
+    adapters = sorted({a for n in wrapped for a in unet.get_submodule(n).active_adapters})
+    raise ValueError(
+        f"the UNet carries unfused LoRA adapter(s) {adapters} on {len(wrapped)} layer(s), e.g. "
+        f"{wrapped[0]!r}; dq quantizes plain weights. Either fuse them in first "
+        "(pipe.fuse_lora(); pipe.unload_lora_weights() — the fastest model, the LoRA baked "
+        "into the quantized codes), or unload them (pipe.unload_lora_weights()), quantize, and "
+        "load the LoRA onto the quantized pipeline (pipe.load_lora_weights(...) after "
+        "dq.quantize keeps it in float beside the quantized layers)"
+    )
 
 
 def check_weights(unet: nn.Module, plan: Mapping[str, LayerSpec | None]) -> None:
@@ -133,13 +167,14 @@ def check_calibration(record, plan: Mapping[str, LayerSpec | None], missing_run:
 def check_before_quantize(
     unet: nn.Module, config: QuantConfig, plan: Mapping[str, LayerSpec | None]
 ) -> None:
-    """Every check to run before calibration: `check_weights` (errors), then
-    `check_plan_coverage` (warnings).
+    """Every check to run before calibration: `check_adapters` and `check_weights` (errors),
+    then `check_plan_coverage` (warnings).
 
     Args:
         unet: the float model about to be quantized.
         config: the QuantConfig given by the user.
         plan: `dq.resolve_plan(unet, config)`.
     """
+    check_adapters(unet)
     check_weights(unet, plan)
     check_plan_coverage(config, plan, stacklevel=5)

@@ -29,8 +29,6 @@ _STRUCTURE_KEYS = (
     "down_block_types", "up_block_types", "cross_attention_dim", "transformer_layers_per_block",
     "attention_head_dim", "addition_embed_type", "norm_num_groups",
 )  # fmt: skip
-# If the LoRA was loaded but not fused, PEFT adds lora_A / lora_B Linear layers: keep them float.
-_LORA_SKIP = ("*.lora_A.*", "*.lora_B.*")
 
 
 def _config(file: str) -> dict[str, Any]:
@@ -106,7 +104,7 @@ _STATIC: dict[str, Recipe] = {
             calibration=Calibration(
                 4, 1.5, 512, 512, num_prompts=32, batch_size=4, steps_range=(2, 8)
             ),
-            skip=(*BASE_SKIP, *_LORA_SKIP),
+            skip=BASE_SKIP,
             scheduler="LCMScheduler",
             lora="latent-consistency/lcm-lora-sdv1-5",
             fuse_lora=True,
@@ -123,7 +121,7 @@ _STATIC: dict[str, Recipe] = {
             calibration=Calibration(
                 4, 1.5, 1024, 1024, num_prompts=32, batch_size=1, steps_range=(2, 8)
             ),
-            skip=(*BASE_SKIP, *_LORA_SKIP),
+            skip=BASE_SKIP,
             scheduler="LCMScheduler",
             lora="latent-consistency/lcm-lora-sdxl",
             fuse_lora=True,
