@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dq import formats as _formats
 from dq.config import LayerSpec, QuantConfig
 from dq.generate import Sampling, check_prompts, generate
-from dq.modules import QuantizedLayerMixin, check_spec_fits, quantized_module_for
+from dq.modules import QuantizedLayerMixin, check_spec_fits, quantized_module_for, runs_on_engine
 from dq.quant import QWeight
 from dq.storage import resolve_spec
 
@@ -276,36 +277,73 @@ class _TokenRange:
         return {n: (self._lo[n], self._hi[n]) for n in self._lo}
 
 
-ROUNDINGS = ("nearest", "learned")
-# reservoir rows per layer for learned rounding (AdaRound needs a few hundred to thousands)
+ROUNDINGS = ("nearest", "search", "learned")
+# reservoir rows per layer for search / learned rounding (AdaRound needs a few hundred to thousands)
 LEARNED_ROWS_PER_LAYER = 1024
 
 
 def _check_rounding(rounding: str, rounding_settings: Any) -> None:
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding={rounding!r} is not valid; use one of {ROUNDINGS}")
-    if rounding_settings is not None and rounding != "learned":
-        raise ValueError("rounding_settings= applies to rounding='learned' only")
-
-
-def _learned_qweights(unet, plan, record, settings, progress) -> dict[str, QWeight]:
-    """Learned rounding (`dq.rounding.learn`) of every quantized layer on its captured input
-    rows, balanced across timesteps; the result is stored as given (`from_qweight`)."""
+    if rounding_settings is None:
+        return
     from dq import rounding as R
 
+    want = {"search": R.SearchSettings, "learned": R.RoundingSettings}.get(rounding)
+    if want is None:
+        raise ValueError(
+            "rounding_settings= applies to rounding='search' (a dq.rounding.SearchSettings) or "
+            "rounding='learned' (a dq.rounding.RoundingSettings) only"
+        )
+    if not isinstance(rounding_settings, want):
+        raise ValueError(
+            f"rounding={rounding!r} takes rounding_settings=dq.rounding.{want.__name__}(...), "
+            f"got {type(rounding_settings).__name__}"
+        )
+
+
+def _same_kernels(spec: LayerSpec) -> list[str]:
+    """FP formats of the spec's width that store and run like its own (the searched split may
+    change the format, never the bytes or the kernel path)."""
+    from dq.rounding import fp_formats_of_width
+
+    fmt = _formats.get(spec.weight)
+    engine = runs_on_engine(spec)
+    return [f.name for f in fp_formats_of_width(fmt.bits)
+            if f.storage == fmt.storage and runs_on_engine(dataclasses.replace(spec, weight=f.name)) == engine]
+
+
+def _rounded_qweights(
+    unet: nn.Module, plan: dict, record: Any, rounding: str, settings: Any, progress: bool
+) -> tuple[dict, dict[str, QWeight]]:
+    """Per quantized layer, on its captured input rows balanced across timesteps: the output-
+    error search of format (FP split) and clipping scale (`dq.rounding.search`), then for
+    "learned" AdaRound from there (`dq.rounding.learn`). Returns the plan (FP layers name the
+    chosen split) and the weights to store as given (`from_qweight`)."""
+    from dq import rounding as R
+
+    search_settings = settings if rounding == "search" else None
+    learn_settings = settings if rounding == "learned" else None
+    plan = dict(plan)
     out: dict[str, QWeight] = {}
     todo = [(n, s) for n, s in plan.items() if s is not None]
-    for name, spec in tqdm(todo, desc="dq learned rounding", disable=not progress, unit="layer"):
+    for name, spec in tqdm(todo, desc=f"dq {rounding} rounding", disable=not progress, unit="layer"):
         stats = record.layers.get(name)
         if stats is None or stats.samples.shape[0] == 0:
             raise ValueError(
-                f"learned rounding: no captured inputs for layer {name!r} (it never ran during "
+                f"rounding={rounding!r}: no captured inputs for layer {name!r} (it never ran during "
                 "calibration); keep it in float (QuantConfig.skip) or calibrate with inputs that reach it"
             )
         weights = R.timestep_row_weights(stats.sample_timesteps)
-        module = unet.get_submodule(name)
-        out[name] = R.learn(module.weight, spec, stats.samples, settings, row_weights=weights)
-    return out
+        w = unet.get_submodule(name).weight
+        allowed = _same_kernels(spec) if _formats.get(spec.weight).kind == "fp" else None
+        spec, qw = R.search(w, spec, stats.samples, search_settings, formats_allowed=allowed,
+                            row_weights=weights)
+        if rounding == "learned":
+            qw = R.learn(w, spec, stats.samples, learn_settings, scale=qw.scale,
+                         zero_point=qw.zero_point, row_weights=weights)
+        plan[name], out[name] = spec, qw
+    return plan, out
 
 
 def _calibrate_and_apply(
@@ -335,10 +373,10 @@ def _calibrate_and_apply(
     qweights: dict[str, QWeight] = {}
     bos, bos_layers = None, []
     needs_act = any(s is not None and s.act is not None for s in plan.values())
-    learned = rounding == "learned"
+    learned = rounding != "nearest"  # search / learned: per-layer input rows
     if needs_act or learned:
         if run is None:
-            why = "quantizes activations" if needs_act else "learns its rounding"
+            why = "quantizes activations" if needs_act else f"uses rounding={rounding!r}"
             raise ValueError(f"config {cfg.name!r} {why} and needs calibration: {missing_run}")
         from dq.capture import Capture, CaptureSettings
 
@@ -363,7 +401,7 @@ def _calibrate_and_apply(
             else:
                 act_ranges.update(tail_ranges.ranges())
         if learned:
-            qweights = _learned_qweights(unet, plan, record, rounding_settings, progress)
+            plan, qweights = _rounded_qweights(unet, plan, record, rounding, rounding_settings, progress)
     apply_plan(unet, plan, act_ranges, qweights, bos=bos, bos_layers=bos_layers, progress=progress)
     _register_config(unet, _resolved_config(cfg, plan))
     return unet
@@ -400,11 +438,16 @@ def quantize(
             batch_size, seed, extra); unset fields come from the model's recipe
             (`dq.recipes.recipe_for(pipe).calibration`, e.g. SDXL-Turbo 1 step without
             guidance), then from the pipeline's own defaults.
-        rounding: "nearest" (round to nearest on the spec's scales) or "learned" (AdaRound on
-            INT and FP grids, `dq.rounding.learn`, per layer on its captured input rows,
-            balanced across timesteps; needs calibration prompts, also for weight-only configs).
-        rounding_settings: a `dq.rounding.RoundingSettings` for rounding="learned"
-            (iterations, regulariser, ...); None for its defaults.
+        rounding: "nearest" (round to nearest on the spec's scales); "search" (per layer, the
+            clipping scale, and for FP layers the exponent / mantissa split among formats of
+            the same width, bytes and kernels, chosen by the layer's output error on its
+            captured input rows, `dq.rounding.search`; round to nearest there); or "learned"
+            (that search, then AdaRound on the INT or FP grid, `dq.rounding.learn`). Rows are
+            balanced across timesteps; both need calibration prompts, also for weight-only
+            configs. The saved plan names the formats chosen.
+        rounding_settings: a `dq.rounding.SearchSettings` for rounding="search" or a
+            `dq.rounding.RoundingSettings` for rounding="learned" (iterations, regulariser,
+            ...); None for their defaults.
         sensitivity: for mixed precision, a `dq.sensitivity.SensitivityTable` (or its JSON
             file) to allocate from instead of analysing; tables computed here are kept for the
             process, so a second call at another budget does no sensitivity work.

@@ -66,6 +66,9 @@ def _read_prompts(path: str | None, flag: str = "--prompts") -> list[str] | None
     return prompts
 
 
+ROUNDINGS = ("nearest", "search", "learned")  # dq.api.ROUNDINGS (not imported: torch)
+
+
 def _preset_names() -> list[str]:
     from dq.config import MIXED_PRESET_NAMES, PRESETS
 
@@ -108,8 +111,11 @@ def _read_config(value: str, flag: str = "--config"):
         raise UserError(f"{flag} {value!r} is not a valid QuantConfig: {e}") from None
 
 
-def _needs_prompts(config: Any) -> bool:
-    """Activation ranges (QuantConfig) or a sensitivity run (mixed precision) need prompts."""
+def _needs_prompts(config: Any, rounding: str = "nearest") -> bool:
+    """Activation ranges (QuantConfig), a sensitivity run (mixed precision) or a rounding that
+    reads the layers' inputs (search, learned) need prompts."""
+    if rounding != "nearest":
+        return True
     needs = getattr(config, "needs_activation_calibration", None)
     return True if needs is None else bool(needs)
 
@@ -287,9 +293,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     local = source if os.path.isdir(source) else None
     _check_out(args.out, "OUT", local, args.overwrite)
     device = _check_device(args.device)
-    needs_prompts = _needs_prompts(config) and prompts is None
+    needs_prompts = _needs_prompts(config, args.rounding) and prompts is None
     if needs_prompts and local is not None:
-        _refuse_without_prompts_if_generic(config, Path(local) / "unet" / "config.json")
+        _refuse_without_prompts_if_generic(config, Path(local) / "unet" / "config.json", args.rounding)
 
     # 2. load, calibrate, quantize, save
     import torch
@@ -308,10 +314,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         pipe.to(device)
     t_load = time.perf_counter() - t0
     sampling, recipe, origin = _calibration(args, pipe, local)
-    if _needs_prompts(config):
+    if _needs_prompts(config, args.rounding):
         if prompts is None:
             if recipe.name == "generic":
-                raise UserError(_no_prompts_message(config))
+                raise UserError(_no_prompts_message(config, args.rounding))
             available = recipes.calibration_prompts(recipe)
             n = args.num_prompts or recipe.calibration.num_prompts
             prompts, prompt_origin = available[: min(n, len(available))], f"recipe {recipe.name}'s set"
@@ -323,7 +329,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     clock = _UNetClock(pipe.unet)
     t1 = time.perf_counter()
     try:
-        dq.quantize(pipe, config, calib_prompts=prompts, calibration=sampling, progress=not args.quiet)
+        dq.quantize(pipe, config, calib_prompts=prompts, calibration=sampling, rounding=args.rounding,
+                    progress=not args.quiet)
     finally:
         clock.remove()
     t_quant = time.perf_counter() - t1
@@ -331,7 +338,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         from dq.serialization import record_calibration
 
         record_calibration(pipe.unet, {"num_prompts": len(prompts), "prompts": prompt_origin,
-                                       "sampling": sampling.to_dict(), "recipe": recipe.name})
+                                       "sampling": sampling.to_dict(), "recipe": recipe.name,
+                                       "rounding": args.rounding})
     t2 = time.perf_counter()
     pipe.save_pretrained(args.out, overwrite=args.overwrite)
     t_save = time.perf_counter() - t2
@@ -355,7 +363,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _no_prompts_message(config: Any) -> str:
+def _no_prompts_message(config: Any, rounding: str = "nearest") -> str:
+    if rounding != "nearest":
+        return (
+            f"--rounding {rounding} reads each layer's inputs from a calibration run, and this "
+            "model's family has no shipped prompt set: pass --prompts FILE (one prompt per line, "
+            "16-64 prompts like the ones the pipeline will serve), or use --rounding nearest"
+        )
     return (
         f"--config {config.name!r} calibrates on prompts (activation ranges or per-layer "
         "sensitivity), and "
@@ -365,7 +379,7 @@ def _no_prompts_message(config: Any) -> str:
     )
 
 
-def _refuse_without_prompts_if_generic(config: Any, unet_config: Path) -> None:
+def _refuse_without_prompts_if_generic(config: Any, unet_config: Path, rounding: str = "nearest") -> None:
     if not unet_config.is_file():
         return
     from dq import recipes
@@ -375,7 +389,7 @@ def _refuse_without_prompts_if_generic(config: Any, unet_config: Path) -> None:
     except (OSError, ValueError):
         return  # diffusers' loader reports a broken config.json
     if isinstance(cfg, dict) and recipes.recipe_for(cfg).name == "generic":
-        raise UserError(_no_prompts_message(config))
+        raise UserError(_no_prompts_message(config, rounding))
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -485,6 +499,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None,
                    help="calibration prompts file, one per line (unset: the recipe's shipped set; "
                         "required for unknown models when activations are quantized)")
+    p.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
+                   help="nearest: round to nearest on min-max/MSE scales; search: per layer the "
+                        "clipping scale (and FP split) with the least output error on calibration "
+                        "inputs; learned: that search, then AdaRound (default: nearest; search and "
+                        "learned calibrate, also for weight-only presets)")
     g = p.add_argument_group("calibration run (unset flags: the model's recipe, see below)")
     g.add_argument("--steps", type=int, default=None, help=f"sampling steps ({unset})")
     g.add_argument("--guidance", type=float, default=None, help=f"guidance scale, 0 or 1 = off ({unset})")

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -68,6 +68,8 @@ __all__ = [
     "bias_correction",
     "search_scale",
     "search_fp_format",
+    "SearchSettings",
+    "search",
     "fp_formats_of_width",
     "DEFAULT_SHRINK",
 ]
@@ -720,3 +722,76 @@ def search_fp_format(
         if best is None or e < best[0]:
             best = (e, fmt, qw)
     return best[1], best[2]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Knobs of the per-layer scale and FP-format search (`search`).
+
+    Args:
+        shrink: clipping factors of the min-max range tried per tensor / channel / group
+            (`search_scale`); 1.0 (min-max) is always tried first and kept on ties.
+        fp_formats: for an FP layer, also choose its exponent / mantissa split among the
+            registered FP formats of the same width (`search_fp_format`). The plan then names
+            the chosen format (same bytes, same kernels; see `search`).
+    """
+
+    shrink: tuple[float, ...] = DEFAULT_SHRINK  # 1.0 down to 0.4 in steps of 0.025
+    fp_formats: bool = True  # E2M1 / E3M0 at 4 bits, E2M3 / E3M2 at 6 bits, ...
+
+    def __post_init__(self) -> None:
+        shrink = tuple(float(a) for a in self.shrink)
+        if not shrink or any(not 0 < a <= 1 for a in shrink):
+            raise ValueError(f"shrink={self.shrink!r} must be factors in (0, 1], e.g. (1.0, 0.9, 0.8)")
+        object.__setattr__(self, "shrink", shrink)
+        if not isinstance(self.fp_formats, bool):
+            raise ValueError(f"fp_formats={self.fp_formats!r} must be True or False")
+
+
+def search(
+    weight: torch.Tensor,
+    spec,
+    inputs: torch.Tensor,
+    settings: SearchSettings | None = None,
+    *,
+    formats_allowed: Sequence[str] | None = None,
+    row_weights: torch.Tensor | None = None,
+):
+    """The layer's format (FP split) and clipping scale chosen by its output error on its rows:
+    what `dq.quantize(..., rounding="search")` does per layer, and where `rounding="learned"`
+    starts.
+
+    Args:
+        weight: float weight [O, I, *k].
+        spec: the layer's shape-resolved `LayerSpec` (a dataclass: the returned spec is
+            ``dataclasses.replace(spec, weight=<chosen format>)``).
+        inputs: rows [N, I * prod(k)].
+        settings: `SearchSettings()` if None.
+        formats_allowed: names the FP split may pick from (the caller keeps it to formats with
+            the same storage and kernels as ``spec.weight``); None: every registered FP format
+            of the width. Ignored for INT layers or with ``settings.fp_formats=False``.
+        row_weights: optional [N] weights (as in `learn`).
+
+    Returns:
+        (spec, QWeight): the spec with the chosen format, and the round-to-nearest weight on the
+        searched scale. An INT layer (or ``fp_formats=False``) keeps its format.
+    """
+    settings = settings or SearchSettings()
+    fmt = _formats.get(spec.weight)
+    if fmt.kind == "fp" and settings.fp_formats:
+        names = [f.name for f in fp_formats_of_width(fmt.bits)]
+        if formats_allowed is not None:
+            names = [n for n in names if n in set(formats_allowed)]
+        if fmt.name not in names:  # a bias-shifted or user format: first among the candidates
+            names = [fmt.name, *names]
+        chosen, qw = search_fp_format(
+            weight, fmt.bits, inputs, granularity=spec.weight_granularity, candidates=names,
+            shrink=settings.shrink, row_weights=row_weights,
+        )
+        if chosen.name != fmt.name:
+            spec = replace(spec, weight=chosen.name)
+        if spec.pair_limit is None:
+            return spec, qw
+    # INT, fixed format, or a pair-limited spec (the scale must still meet the cap)
+    return spec, search_scale(weight, spec, inputs, candidates=settings.shrink, row_weights=row_weights)
+

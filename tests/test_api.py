@@ -155,7 +155,7 @@ def test_sdxl_w8a8(tiny_sdxl):
 
 
 def test_learned_rounding_and_unknown_options_are_refused(tiny_sd):
-    with pytest.raises(ValueError, match="learns its rounding and needs calibration"):
+    with pytest.raises(ValueError, match="uses rounding=.learned. and needs calibration"):
         dq.quantize(tiny_sd, "w4a16", rounding="learned")  # no prompts for the generic recipe
     with pytest.raises(ValueError, match="rounding="):
         dq.quantize(tiny_sd, "w4a16", rounding="stochastic")
@@ -212,28 +212,82 @@ def test_recipe_calibration_defaults_are_used_when_none_are_given(monkeypatch):
     assert seen["sampling"].guidance_scale == want["guidance_scale"]
 
 
-def test_learned_rounding_in_the_pipeline_path_beats_nearest():
-    from dq import rounding
+def _unet_error(pipes, fp=None):
     from dq.testing import tiny_sd_pipeline
 
-    pipes = {}
-    for mode in ("nearest", "learned"):
-        pipe = tiny_sd_pipeline(seed=0)
-        pipes[mode] = dq.quantize(pipe, "w4a16", calib_prompts=PROMPTS, progress=False, rounding=mode,
-                                  calibration={"num_inference_steps": 2},
-                                  rounding_settings=rounding.RoundingSettings(iterations=100) if mode == "learned" else None)
-    fp = tiny_sd_pipeline(seed=0).unet
+    fp = fp if fp is not None else tiny_sd_pipeline(seed=0).unet
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 32, 32, generator=g)
     ctx = torch.randn(2, 77, fp.config.cross_attention_dim, generator=g)
     t = torch.tensor([400, 50])
     with torch.inference_mode():
         y = fp(x, t, ctx).sample
-        err = {m: float((p.unet(x, t, ctx).sample - y).pow(2).mean()) for m, p in pipes.items()}
-    assert err["learned"] < err["nearest"]
-    a, b = (pipes[m].unet.get_submodule(f"{ATTN}.attn1.to_q") for m in ("nearest", "learned"))
-    assert not torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)  # rounding moved, scale kept
-    assert b.qweight().on_grid()
+        return {m: float((p.unet(x, t, ctx).sample - y).pow(2).mean()) for m, p in pipes.items()}
+
+
+def test_search_and_learned_rounding_in_the_pipeline_path_beat_nearest():
+    from dq import rounding
+    from dq.testing import tiny_sd_pipeline
+
+    pipes = {}
+    settings = {"learned": rounding.RoundingSettings(iterations=100), "search": None, "nearest": None}
+    for mode in ("nearest", "search", "learned"):
+        pipe = tiny_sd_pipeline(seed=0)
+        pipes[mode] = dq.quantize(pipe, "w4a16", calib_prompts=PROMPTS, progress=False, rounding=mode,
+                                  calibration={"num_inference_steps": 2},
+                                  rounding_settings=settings[mode])
+    err = _unet_error(pipes)
+    assert err["learned"] < err["search"] < err["nearest"]
+    a, b, c = (pipes[m].unet.get_submodule(f"{ATTN}.attn1.to_q") for m in ("nearest", "search", "learned"))
+    assert not torch.equal(a.scale, b.scale)  # the search moved the clipping scale
+    assert torch.equal(b.scale, c.scale) and not torch.equal(b.qdata, c.qdata)  # learned: from there
+    assert c.qweight().on_grid()
+
+
+def test_fp_split_search_stays_within_the_bytes_and_kernels_and_the_plan_names_it(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from dq.testing import tiny_sd_pipeline
+
+    heavy = f"{ATTN}.attn2.to_v"  # heavy-tailed weights: E3M0's wider range should win there
+
+    def pipe():
+        p = tiny_sd_pipeline(seed=0)
+        w = p.unet.get_submodule(heavy).weight
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            w.copy_(0.02 * torch.randn(w.shape, generator=g) / torch.rand(w.shape, generator=g).clamp_min(0.05))
+        return p
+
+    pipes = {m: dq.quantize(pipe(), "fp4", calib_prompts=PROMPTS, progress=False,
+                            rounding=m, calibration={"num_inference_steps": 2})
+             for m in ("nearest", "search")}
+    specs = {n: m.spec for n, m in pipes["search"].unet.named_modules() if isinstance(m, QuantizedLayerMixin)}
+    chosen = {s.weight for s in specs.values()}
+    assert chosen <= {"fp4_e2m1", "fp4_e3m0"} and specs[heavy].weight == "fp4_e3m0"  # searched
+    nbytes = {m: sum(q.quant_weight_nbytes() for q in p.unet.modules() if isinstance(q, QuantizedLayerMixin))
+              for m, p in pipes.items()}
+    assert nbytes["search"] == nbytes["nearest"]
+    err = _unet_error(pipes, pipe().unet)
+    assert err["search"] < err["nearest"]
+    saved = pipes["search"].unet.config.quantization_config.to_dict()["plan"]
+    assert {n: saved["layers"][n]["weight"] for n in specs} == {n: s.weight for n, s in specs.items()}
+    pipes["search"].save_pretrained(tmp_path / "p")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "p")
+    assert _unet_error({"a": loaded}) == _unet_error({"a": pipes["search"]})
+
+
+def test_rounding_settings_must_match_the_mode(tiny_sd):
+    from dq import rounding
+
+    with pytest.raises(ValueError, match="takes rounding_settings=dq.rounding.SearchSettings"):
+        dq.quantize(tiny_sd, "w4a16", PROMPTS, rounding="search", rounding_settings=rounding.RoundingSettings())
+    with pytest.raises(ValueError, match="applies to rounding='search'"):
+        dq.quantize(tiny_sd, "w4a16", PROMPTS, rounding_settings=rounding.SearchSettings())
+    with pytest.raises(ValueError, match="shrink="):
+        rounding.SearchSettings(shrink=(1.0, 1.5))
+    with pytest.raises(ValueError, match="uses rounding='search' and needs calibration"):
+        dq.quantize(tiny_sd, "w4a16", rounding="search")
 
 
 def test_w4a8_is_mixed_precision_allocated_under_the_byte_budget(monkeypatch):

@@ -115,6 +115,23 @@ def test_weight_only_preset_needs_no_prompts(tiny_dir, tmp_path, pipeline_calls,
     assert "int4/" in capsys.readouterr().out
 
 
+def test_rounding_flag_reaches_dq_quantize_and_is_recorded(tiny_dir, prompts_file, tmp_path, pipeline_calls, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), str(out), "--config", "w4a16", "--rounding", "search",
+                 "--prompts", str(prompts_file), "--steps", "2", "--quiet"]) == 0  # fmt: skip
+    assert len(pipeline_calls) >= 1  # weight-only, yet calibrated: the search reads layer inputs
+    from dq import summary
+
+    assert summary.inspect_folder(out)["components"]["unet"]["calibration"]["rounding"] == "search"
+
+
+def test_cli_rounding_choices_are_the_librarys():
+    import dq.api
+    import dq.cli
+
+    assert dq.cli.ROUNDINGS == dq.api.ROUNDINGS
+
+
 def test_help_shows_recipe_defaults_and_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["quantize", "--help"])
@@ -183,6 +200,8 @@ def _bad_quantize_cases(tiny_dir, tmp_path, prompts_file):
         "missing-prompts": (["quantize", t, q, "--prompts", str(tmp_path / "p.txt")], r"--prompts .* does not exist"),
         "empty-prompts": (["quantize", t, q, "--prompts", str(tmp_path / "empty.txt")], r"--prompts .* has no prompts"),
         "act-preset-no-prompts": (["quantize", t, q, "--config", "w8a8"], r"--prompts FILE"),
+        "search-no-prompts": (["quantize", t, q, "--config", "w4a16", "--rounding", "search"],
+                              r"--rounding search reads each layer's inputs.*--prompts FILE"),
         "out-is-a-file": (["quantize", t, str(tmp_path / "a_file"), "--prompts", p], r"OUT: .*is a file"),
         "out-under-a-file": (["quantize", t, str(tmp_path / "a_file/q"), "--prompts", p], r"OUT: .*is a file"),
         "out-is-source": (["quantize", t, t, "--prompts", p], r"OUT .* is the pipeline folder being quantized.*--overwrite"),
