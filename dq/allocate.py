@@ -776,6 +776,9 @@ class Budget:
         bitops: ``sum numel_l * weight_bits * act_bits``: bit-operations per output position
             (the table records weight shapes, not activation sizes, so this is the per-position
             proxy of a layer's MACs x bits).
+        latency_s: seconds spent in the table's layers per UNet call, measured on this
+            machine: ``sum latency[l, column]`` from a `dq.latency.LatencyTable` (pass it to
+            `plan` as ``latency=``; columns not measured are refused).
 
     Example:
         >>> Budget(avg_weight_bits=4).label()
@@ -786,12 +789,14 @@ class Budget:
     weight_bytes: float | None = None
     avg_act_bits: float | None = None
     bitops: float | None = None
+    latency_s: float | None = None
 
     def __post_init__(self) -> None:
         given = self.items()
         if not given:
             raise ValueError(
-                "a Budget needs at least one of avg_weight_bits, weight_bytes, avg_act_bits, bitops"
+                "a Budget needs at least one of avg_weight_bits, weight_bytes, avg_act_bits, "
+                "bitops, latency_s"
             )
         for k, v in given:
             if not isinstance(v, int | float | np.integer | np.floating) or not np.isfinite(v):
@@ -799,7 +804,7 @@ class Budget:
 
     def items(self) -> list[tuple[str, float]]:
         """(field, value) of every constraint given, in field order."""
-        names = ("avg_weight_bits", "weight_bytes", "avg_act_bits", "bitops")
+        names = ("avg_weight_bits", "weight_bytes", "avg_act_bits", "bitops", "latency_s")
         return [(k, float(getattr(self, k))) for k in names if getattr(self, k) is not None]
 
     def label(self) -> str:
@@ -836,6 +841,7 @@ def plan(
     act: str = "uint8",
     pin_fp: float = 0.01,
     pinned: Mapping[str, object] | None = None,
+    latency=None,
 ):
     """A mixed-precision `QuantConfig` from a `dq.sensitivity.SensitivityTable`: one exact
     program over every layer of both groups (content and quality) with the table's normalised
@@ -858,6 +864,8 @@ def plan(
         pin_fp: fraction of activation layers kept in float, most sensitive first.
         pinned: layer name -> `LayerSpec` (one of its candidates, or with ``act=None`` for
             float inputs) or None (full precision weights and inputs), forced.
+        latency: a `dq.latency.LatencyTable` of the same UNet, needed by a ``latency_s``
+            budget (it must hold every layer and every column the plan may take).
 
     Returns:
         `QuantConfig(default=None, layers={every table layer: spec}, skip=())` named
@@ -947,6 +955,20 @@ def plan(
             for j, (w, a) in enumerate(cols):
                 allowed[i, j] = w is not None and (a is None) == (n in fp_act)
     loss = np.where(allowed, loss, np.inf)
+    seconds = None
+    if budget.latency_s is not None:
+        if latency is None:
+            raise ValueError(
+                "a latency_s budget needs measured latencies: pass latency=dq.latency.measure(unet, "
+                "columns, dq.latency.unet_inputs(unet)) (or LatencyTable.from_json of a saved one)"
+            )
+        seconds = np.zeros((L, C))
+        for i, n in enumerate(names):
+            for j, (w, a) in enumerate(cols):
+                if allowed[i, j]:
+                    seconds[i, j] = latency.seconds(n, w, a)
+    elif latency is not None:
+        raise ValueError("latency= is used by a Budget(latency_s=...) only; add one or drop latency=")
     # budget rows: sums of per-layer terms; averages are summed (bits x params, act bits) and
     # their budget multiplied by the divisor, so HiGHS works on well-scaled integers
     rows, values, scale = [], [], []
@@ -960,6 +982,9 @@ def plan(
         elif k == "avg_act_bits":
             rows.append(abits)
             scale.append(float(L))
+        elif k == "latency_s":  # whole nanoseconds: integer costs, as bytes, solve exactly
+            rows.append(np.round(seconds * 1e9))
+            scale.append(1e9)
         else:
             rows.append(wbits * abits * numel[:, None])
             scale.append(1.0)
@@ -986,10 +1011,11 @@ def plan(
     )
 
 
-def plan_summary(table, config) -> dict:
+def plan_summary(table, config, latency=None) -> dict:
     """Totals of a plan over the table's layers: average nominal weight bits, weight bytes
     (as `Budget` counts them), predicted loss (sum of the normalised losses), layers with float
-    activations, and the weight formats used."""
+    activations, the weight formats used, and with a `dq.latency.LatencyTable` the predicted
+    seconds in those layers (``latency_s``)."""
     import math
 
     from dq import formats
@@ -1017,13 +1043,16 @@ def plan_summary(table, config) -> dict:
             except ValueError:
                 loss = math.inf
         fp_act += spec.act is None
-    return {
+    out = {
         "avg_weight_bits": bits / numel,
         "weight_bytes": nbytes,
         "predicted_loss": loss,
         "float_act_layers": fp_act,
         "weight_formats": dict(sorted(used.items())),
     }
+    if latency is not None:
+        out["latency_s"] = latency.total({n: config.layers.get(n) for n in table.layers})
+    return out
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -1041,6 +1070,10 @@ def add_cli(subparsers) -> None:
     g.add_argument("--avg-weight-bits", type=float, default=None, help="size-weighted nominal weight bits")
     g.add_argument("--weight-bytes", type=float, default=None, help="bytes of codes, scales, zero points")
     g.add_argument("--avg-act-bits", type=float, default=None, help="average activation bits over layers")
+    g.add_argument("--latency-s", type=float, default=None,
+                   help="seconds in the quantizable layers per UNet call (needs --latency)")
+    p.add_argument("--latency", default=None, metavar="LATENCY.json",
+                   help="per-layer latencies measured on this machine (dq.latency.measure(...).to_json())")
     p.add_argument("--backend", choices=BACKENDS, default="cpu", help="formats the target runs fast (default: cpu)")
     p.add_argument("--act", default="uint8", help="activation format of every layer (default: uint8)")
     p.add_argument("--pin-fp", type=float, default=0.01, help="most sensitive fraction of activation layers kept float")
@@ -1060,15 +1093,31 @@ def _cli_run(args) -> int:
         table = SensitivityTable.from_json(path.read_text())
     except (ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"dq allocate: TABLE {args.table} is not a sensitivity table: {e}") from None
-    if args.avg_weight_bits is None and args.weight_bytes is None and args.avg_act_bits is None:
-        raise SystemExit("dq allocate: give a budget: --avg-weight-bits, --weight-bytes or --avg-act-bits")
+    given = (args.avg_weight_bits, args.weight_bytes, args.avg_act_bits, args.latency_s)
+    if all(v is None for v in given):
+        raise SystemExit("dq allocate: give a budget: --avg-weight-bits, --weight-bytes, "
+                         "--avg-act-bits or --latency-s")  # fmt: skip
+    latency = None
+    if (args.latency_s is None) != (args.latency is None):
+        raise SystemExit("dq allocate: --latency-s and --latency go together (a budget in seconds "
+                         "needs the measured per-layer latencies, and they serve only that budget)")  # fmt: skip
+    if args.latency is not None:
+        from dq.latency import LatencyTable
+
+        lpath = Path(args.latency)
+        if not lpath.is_file():
+            raise SystemExit(f"dq allocate: --latency {args.latency}: no such file")
+        try:
+            latency = LatencyTable.from_json(lpath.read_text())
+        except ValueError as e:
+            raise SystemExit(f"dq allocate: --latency {args.latency}: {e}") from None
     budget = Budget(avg_weight_bits=args.avg_weight_bits, weight_bytes=args.weight_bytes,
-                    avg_act_bits=args.avg_act_bits)
+                    avg_act_bits=args.avg_act_bits, latency_s=args.latency_s)
     try:
-        cfg = plan(table, budget, backend=args.backend, act=args.act, pin_fp=args.pin_fp)
+        cfg = plan(table, budget, backend=args.backend, act=args.act, pin_fp=args.pin_fp, latency=latency)
     except ValueError as e:
         raise SystemExit(f"dq allocate: {e}") from None
-    s = plan_summary(table, cfg)
+    s = plan_summary(table, cfg, latency)
     groups: dict[str, dict[str, int]] = {}
     for n, spec in cfg.layers.items():
         g = groups.setdefault(table.layers[n]["group"], {})
@@ -1078,7 +1127,8 @@ def _cli_run(args) -> int:
     for g, counts in sorted(groups.items()):
         print(f"  {g:8s} " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
     print(f"  average weight bits {s['avg_weight_bits']:.3f}, weight bytes {s['weight_bytes']:.0f}, "
-          f"predicted loss {s['predicted_loss']:.3e}, float activations {s['float_act_layers']}")
+          f"predicted loss {s['predicted_loss']:.3e}, float activations {s['float_act_layers']}"
+          + (f", predicted {s['latency_s'] * 1e3:.2f} ms in these layers" if "latency_s" in s else ""))
     if args.out:
         Path(args.out).write_text(cfg.to_json())
         print(f"dq: wrote {args.out}")
