@@ -52,6 +52,7 @@ import dq.api  # noqa: E402
 import dq.assets  # noqa: E402
 import dq.capture  # noqa: E402
 import dq.formats  # noqa: E402
+import dq.modules  # noqa: E402
 import dq.quant  # noqa: E402
 from dq import rounding as R  # noqa: E402
 from dq.config import LayerSpec, QuantConfig  # noqa: E402
@@ -93,6 +94,18 @@ CONFIGS: dict[str, tuple[str, str, str]] = {
     "w3a8-int3-learned": ("int3", "learned", "timestep"),
 }
 
+# name -> (dq.quantize config, rounding): rows built by the library's own path,
+# `dq.quantize(pipe, config, calib_prompts=..., rounding=...)`, on the same calibration prompts.
+# "w4a8" is the ILP-allocated mixed preset (sensitivity table of eval/allocate_embedded.py,
+# cached there); the fp4 row checks that the pipeline path matches this script's own build.
+PIPELINE_CONFIGS: dict[str, tuple[str, str]] = {
+    "w4a8-fp4-learned-dq": ("fp4-channel-uint8", "learned"),
+    "w4a8-ilp-rtn": ("w4a8", "nearest"),
+    "w4a8-ilp-search": ("w4a8", "search"),
+    "w4a8-ilp-learned": ("w4a8", "learned"),
+}
+ALL_CONFIGS = [*CONFIGS, *PIPELINE_CONFIGS]
+
 # metrics with a per-prompt value (bootstrap of the mean); FID is resampled as image sets
 PER_PROMPT = ("psnr_vs_ref", "feature_dist_vs_ref", "clip_score", "acc_all")
 METRICS = (*PER_PROMPT, "fid_vs_ref")
@@ -104,6 +117,10 @@ TARGETS = (
     ("w3a8-int3-learned", "w3a8-int3-rtn"),
     ("w4a8-fp4-learned-raw", "w4a8-fp4-learned"),
     ("w4a8-fp4-learned-noise", "w4a8-fp4-learned"),
+    ("w4a8-fp4-learned-dq", "w4a8-fp4-learned"),
+    ("w4a8-ilp-learned", "w4a8-ilp-rtn"),
+    ("w4a8-ilp-learned", "w4a8-fp4-learned"),
+    ("w4a8-ilp-learned", "w4a8-int4-learned"),
 )
 
 WORK = ROOT / "runs" / "rounding_embedded"
@@ -230,6 +247,43 @@ def build(pipe, record, tail_ranges, fmt: str, mode: str, weighting: str, s: Set
     return times, summary
 
 
+def build_with_dq(pipe, record, config: str, rounding: str, s: Settings, call: dict) -> tuple[dict, dict]:
+    """Quantize `pipe` with `dq.quantize` itself; returns (timings, summary) like `build`
+    (the relative output error measured on this script's captured rows)."""
+    if config == "w4a8":
+        sys.path.insert(0, str(ROOT / "eval"))
+        from allocate_embedded import Settings as AllocSettings
+        from allocate_embedded import load_table
+
+        a = AllocSettings()
+        table = ROOT / a.cache / "sensitivity" / "table.json"  # the table allocate_embedded used
+        cfg, extra = "w4a8", {"sensitivity": table if table.is_file() else load_table(pipe, a)}
+    else:  # "fp4-channel-uint8"
+        cfg, extra = QuantConfig(default=LayerSpec("fp4_e2m1", s.granularity, "minmax", act=s.act)), {}
+    settings = R.RoundingSettings(iterations=s.iterations) if rounding == "learned" else None
+    fp_unet = dq.assets.load_embedded_pipeline().unet
+    t0, load0 = time.time(), os.getloadavg()[0]
+    dq.quantize(pipe, cfg, calib_prompts=dq.assets.calibration_prompts()[: s.n_calib], progress=False,
+                calibration={k: call[k] for k in ("num_inference_steps", "guidance_scale", "height", "width")},
+                rounding=rounding, rounding_settings=settings, **extra)  # fmt: skip
+    times = {"quantize_s": time.time() - t0, "learn_load": round((load0 + os.getloadavg()[0]) / 2, 2)}
+    chosen: dict[str, int] = {}
+    rel = []
+    for name, m in pipe.unet.named_modules():
+        if not isinstance(m, dq.modules.QuantizedLayerMixin):
+            continue
+        chosen[m.spec.weight] = chosen.get(m.spec.weight, 0) + 1
+        w = fp_unet.get_submodule(name).weight
+        rows = record.layers[name].samples
+        err = float(R.output_mse(w, m.qweight(), rows).sum())
+        power = float((rows @ w.detach().reshape(w.shape[0], -1).T).square().mean(0).sum())
+        rel.append(err / max(power, 1e-30))
+    summary = {"layers": len(rel), "formats": chosen, "rel_output_mse_mean": float(np.mean(rel)),
+               "config": config, "rounding": rounding}  # fmt: skip
+    log(f"  dq.quantize({config!r}, rounding={rounding!r}): {times['quantize_s']:.0f} s, formats {chosen}")
+    return times, summary
+
+
 # ----- per-prompt metrics and the bootstrap -----
 
 
@@ -308,7 +362,7 @@ def interval(v: np.ndarray, point: float | None = None) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), help=f"of {list(CONFIGS)}")
+    ap.add_argument("--configs", nargs="+", default=ALL_CONFIGS, help=f"of {ALL_CONFIGS}")
     ap.add_argument("--n", type=int, default=Settings.n_prompts, help="held-out prompts")
     ap.add_argument("--iterations", type=int, default=Settings.iterations)
     ap.add_argument("--n-calib", type=int, default=Settings.n_calib)
@@ -317,9 +371,9 @@ def main() -> None:
     ap.add_argument("--out", default="eval/results/rounding_embedded", help="results path stem")
     a = ap.parse_args()
     s = Settings(n_prompts=a.n, iterations=a.iterations, n_calib=a.n_calib, bootstrap=a.bootstrap)
-    unknown = [c for c in a.configs if c not in CONFIGS]
+    unknown = [c for c in a.configs if c not in ALL_CONFIGS]
     if unknown:
-        raise SystemExit(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+        raise SystemExit(f"unknown config(s) {unknown}; choose from {ALL_CONFIGS}")
     torch.set_num_threads(s.threads)
     import diffusers
 
@@ -351,7 +405,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     per: dict[str, dict] = {}
     for name in a.configs:
-        fmt, mode, weighting = CONFIGS[name]
+        fmt, mode, weighting = CONFIGS.get(name) or (*PIPELINE_CONFIGS[name], "timestep")
         path = cache / f"{name}.pt"
         if path.exists() and not a.fresh:
             results[name], per[name] = torch.load(path, weights_only=False)
@@ -359,7 +413,10 @@ def main() -> None:
             continue
         log(f"{name}: {fmt} {mode} ({weighting})")
         pipe = dq.assets.load_embedded_pipeline()
-        times, summary = build(pipe, record, tail_ranges, fmt, mode, weighting, s, noise)
+        if name in PIPELINE_CONFIGS:
+            times, summary = build_with_dq(pipe, record, fmt, mode, s, call)
+        else:
+            times, summary = build(pipe, record, tail_ranges, fmt, mode, weighting, s, noise)
         t0 = time.time()
         res, images = evaluate_pipeline(
             pipe, prompts, ev, labels, reference=fp_images, seed=s.seed, **call
@@ -448,6 +505,8 @@ def _table(doc: dict) -> str:
     for name, r in doc["rows"].items():
         t = r["times"]
         learn = f"{t['learn_s']:.0f} ({t['learn_load']:.1f})" if "learn_s" in t else "—"
+        if "quantize_s" in t:  # a dq.quantize row: its whole call (calibration included)
+            learn = f"{t['quantize_s']:.0f} ({t['learn_load']:.1f}), whole dq.quantize"
         search = f"{t['search_s']:.0f}" if "search_s" in t else "—"
         lines.append(
             f"| {name} | {_ci(r, 'psnr_vs_ref', 2)} | {_ci(r, 'feature_dist_vs_ref', 4)} | "
