@@ -59,14 +59,21 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static tools see; at run time `__getattr__` imports these on use
-    from dq import formats, kernels
-    from dq.api import MixedPrecision, apply_plan, quantizable_layers, quantize, quantize_model, resolve_plan
-    from dq.config import PRESETS, LayerSpec, QuantConfig
-    from dq.generate import Sampling, generate
-    from dq.quant import QWeight, quantize_weight
-    from dq.serialization import load, save_pretrained
-    from dq.simulate import fake_quantized
-    from dq.storage import spec_nbytes
+    from dq import formats, kernels  # noqa: F401
+    from dq.api import (  # noqa: F401
+        MixedPrecision,
+        apply_plan,
+        quantizable_layers,
+        quantize,
+        quantize_model,
+        resolve_plan,
+    )
+    from dq.config import PRESETS, LayerSpec, QuantConfig  # noqa: F401
+    from dq.generate import Sampling, generate  # noqa: F401
+    from dq.quant import QWeight, quantize_weight  # noqa: F401
+    from dq.serialization import load, save_pretrained  # noqa: F401
+    from dq.simulate import fake_quantized  # noqa: F401
+    from dq.storage import spec_nbytes  # noqa: F401
 
 from dq import _registration  # noqa: E402
 

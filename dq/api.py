@@ -388,6 +388,7 @@ def _calibrate_and_apply(
         with _TokenRange(unet, bos_layers) as tail_ranges, Capture(unet, settings) as cap:
             run()
         record = cap.record
+        del cap  # its accumulators hold every float layer: free each as it is replaced
         if needs_act:
             validate.check_calibration(record, plan, missing_run)  # layers that never ran
             act_ranges = _act_ranges(record, plan)
@@ -498,7 +499,7 @@ def quantize(
 def _as_sampling(calibration: Sampling | Mapping[str, Any] | None, defaults) -> Sampling:
     """The calibration run's settings: a `Sampling` as given; a dict over the recipe's
     defaults (`defaults`, a `dq.recipes.Calibration`); None for the recipe's defaults."""
-    base = Sampling(batch_size=defaults.batch_size, **defaults.pipeline_kwargs())
+    base = defaults.sampling()
     if calibration is None:
         return base
     if isinstance(calibration, Sampling):

@@ -229,7 +229,7 @@ def _calibration(args: argparse.Namespace, pipe: Any, folder: str | None) -> tup
 
     recipe = recipes.recipe_for(pipe)
     cal = recipe.calibration
-    fields: dict[str, Any] = {"batch_size": cal.batch_size, **cal.pipeline_kwargs()}
+    fields: dict[str, Any] = {"batch_size": cal.batch_size, **cal.call_kwargs()}
     origin = {k: f"recipe {recipe.name}" for k in fields}
     own = Path(folder) / "dq_defaults.json" if folder else None
     if own is not None and own.is_file():

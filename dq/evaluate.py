@@ -685,7 +685,7 @@ def _default_sampling(reference: _Model):
     kwargs: dict[str, Any] = {}
     try:
         cfg = json.loads((Path(src) / "unet" / "config.json").read_text()) if isinstance(src, str) else src
-        kwargs = recipe_for(cfg).calibration.pipeline_kwargs()
+        kwargs = recipe_for(cfg).calibration.call_kwargs()
     except (OSError, ValueError, json.JSONDecodeError):
         pass
     if isinstance(src, str) and (Path(src) / "dq_defaults.json").is_file():

@@ -426,7 +426,7 @@ def analyze(
     rank, world = shard or _default_shard()
     if not (isinstance(rank, int) and isinstance(world, int) and 0 <= rank < world):
         raise ValueError(f"shard={shard!r}: use (rank, world) with 0 <= rank < world")
-    sampling = settings.sampling or Sampling(batch_size=max(1, min(8, len(prompts))), **recipe.calibration.pipeline_kwargs())
+    sampling = settings.sampling or recipe.calibration.sampling().replace(batch_size=max(1, min(8, len(prompts))))
     wc = settings.weight_candidates or tuple(recipe.weight_formats)
     ac = settings.act_candidates or tuple(a for a in recipe.act_formats if a is not None)
     if evaluators is None and recipe.family == "embedded":
@@ -620,7 +620,7 @@ def _cli_run(args) -> int:
     recipe = recipes.recipe_for(pipe)
     if prompts is None:
         prompts = recipes.calibration_prompts(recipe)[: recipe.calibration.num_prompts]
-    sampling = Sampling(batch_size=max(1, min(8, len(prompts))), **recipe.calibration.pipeline_kwargs())
+    sampling = recipe.calibration.sampling().replace(batch_size=max(1, min(8, len(prompts))))
     if args.steps is not None:
         if args.steps < 1:
             raise SystemExit("dq sensitivity: --steps must be >= 1")

@@ -46,7 +46,7 @@ def main() -> None:
     ev = assets.load_evaluators()
     prompts = assets.heldout_prompts(s.n_prompts)[0]
     calib = assets.calibration_prompts()[: s.n_calib]
-    call = dq.recipes.get("embedded").calibration.pipeline_kwargs()
+    call = dq.recipes.get("embedded").calibration.call_kwargs()
     sampling = Sampling(batch_size=50, **call)
     fp = generate(assets.load_embedded_pipeline(), prompts, sampling)
     fp_clip = metrics.clip_score(fp, prompts, ev.clip_model, ev.clip_preprocess, ev.clip_tokenizer)

@@ -89,7 +89,7 @@ def report(name: str, s: Settings) -> dict | None:
         f"{weight_params['content'] / 1e6:.1f} M, quality {weight_params['quality'] / 1e6:.1f} M; "
         f"other (biases, norms, embeddings) {other / 1e6:.2f} M"
     )
-    print(f"   calibration {r.calibration.pipeline_kwargs()}, {r.calibration.num_prompts} prompts")
+    print(f"   calibration {r.calibration.call_kwargs()}, {r.calibration.num_prompts} prompts")
     base_total = sum(weight_params.values()) * s.float_bytes
     other_bytes = other * s.float_bytes
     print(

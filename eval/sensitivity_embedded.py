@@ -29,7 +29,7 @@ import dq  # noqa: E402
 from dq import assets, metrics  # noqa: E402
 from dq import sensitivity as S  # noqa: E402
 from dq.config import LayerSpec  # noqa: E402
-from dq.generate import Sampling, generate  # noqa: E402
+from dq.generate import generate  # noqa: E402
 from dq.simulate import fake_quantized  # noqa: E402
 
 
@@ -76,7 +76,7 @@ def _spearman(a: list[float], b: list[float]) -> float:
 def part_stability(s: Settings, pipe) -> dict:
     calib = assets.calibration_prompts()
     sets = {"A": calib[: s.num_calib], "B": calib[s.num_calib : 2 * s.num_calib]}
-    base = Sampling(batch_size=8, **dq.recipes.get("embedded").calibration.pipeline_kwargs())
+    base = dq.recipes.get("embedded").calibration.sampling().replace(batch_size=8)
     tables = {}
     for name, prompts, seed in (("A-seed0", sets["A"], 0), ("B-seed0", sets["B"], 0), ("A-seed1", sets["A"], 1)):
         st = S.SensitivitySettings(weight_candidates=s.stability_candidates, act_candidates=s.stability_act,
@@ -100,7 +100,7 @@ def part_additivity(s: Settings, pipe, table: S.SensitivityTable) -> dict:
     ref_meta = S._Reference.load(ROOT / s.cache)
     ev = assets.load_evaluators()
     prompts = assets.heldout_prompts(s.plan_prompts)[0]
-    sampling = Sampling(batch_size=s.plan_prompts, **dq.recipes.get("embedded").calibration.pipeline_kwargs())
+    sampling = dq.recipes.get("embedded").calibration.sampling().replace(batch_size=s.plan_prompts)
     fp = generate(pipe, prompts, sampling)
     rng = random.Random(s.seed)
     wc, ac = table.candidates("weight"), [None, *table.candidates("act")]

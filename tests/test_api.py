@@ -203,7 +203,7 @@ def test_recipe_calibration_defaults_are_used_when_none_are_given(monkeypatch):
     assert recipe.name == "embedded"
     with pytest.raises(Stop):
         dq.quantize(pipe, "w8a8", progress=False)  # no prompts, no settings: the recipe's
-    want = recipe.calibration.pipeline_kwargs()
+    want = recipe.calibration.call_kwargs()
     assert seen["sampling"].call_kwargs() == want and want["num_inference_steps"] == assets.embedded_defaults()["num_inference_steps"]
     assert seen["prompts"] == recipes.calibration_prompts(recipe)[: recipe.calibration.num_prompts]
     with pytest.raises(Stop):  # a dict overrides single fields over the recipe's defaults

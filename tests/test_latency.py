@@ -8,11 +8,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from test_allocate import WCANDS, synthetic_table  # noqa: E402  (tests/ is on sys.path)
 
 from dq.latency import LatencyTable, column_key, input_shapes, measure, unet_inputs
 from dq.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
-
-from test_allocate import WCANDS, synthetic_table  # noqa: E402  (tests/ is on sys.path)
 
 COLS = [("int8", "uint8"), ("int4", "uint8"), ("int4", None), (None, None)]
 

@@ -121,7 +121,7 @@ def test_calibration_defaults_match_how_models_are_used():
     c = {n: recipes.get(n).calibration for n in recipes.names()}
     sizes = {"sd15": (25, 7.5, 512), "sd21": (25, 7.5, 768), "sdxl": (30, 7.5, 1024)}
     for n, (steps, guidance, side) in sizes.items():
-        assert c[n].pipeline_kwargs() == {
+        assert c[n].call_kwargs() == {
             "num_inference_steps": steps, "guidance_scale": guidance, "height": side, "width": side
         }  # fmt: skip
     for n in ("sd_turbo", "sdxl_turbo"):
@@ -130,9 +130,9 @@ def test_calibration_defaults_match_how_models_are_used():
     for n in ("lcm_lora_sd15", "lcm_lora_sdxl"):
         assert c[n].num_inference_steps == 4 and 1.0 <= c[n].guidance_scale <= 1.5
     emb = assets.embedded_defaults()
-    assert {k: v for k, v in c["embedded"].pipeline_kwargs().items()} == emb
+    assert {k: v for k, v in c["embedded"].call_kwargs().items()} == emb
     assert c["embedded"].num_prompts == len(assets.calibration_prompts())
-    assert c["generic"].pipeline_kwargs() == {}
+    assert c["generic"].call_kwargs() == {}
     for cal in c.values():
         assert cal.num_prompts >= 16 and cal.batch_size >= 1
     with pytest.raises(ValueError, match="multiple of 8"):

@@ -7,7 +7,7 @@ config, so that plans and byte costs can be checked on the `meta` device without
 
     >>> from dq import recipes
     >>> r = recipes.get("sdxl_turbo")
-    >>> r.calibration.pipeline_kwargs()
+    >>> r.calibration.call_kwargs()
     {'num_inference_steps': 1, 'guidance_scale': 0.0, 'height': 512, 'width': 512}
     >>> r.layer_group("up_blocks.0.attentions.0.transformer_blocks.3.attn2.to_k")
     'content'

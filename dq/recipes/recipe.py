@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
+
+from dq.sampling import Sampling
 
 Group = Literal["content", "quality"]
 
@@ -52,49 +54,35 @@ def layer_group(name: str, markers: Iterable[str] = CONTENT_MARKERS) -> Group:
 
 
 @dataclass(frozen=True)
-class Calibration:
-    """Pipeline settings for calibration runs, as the model is normally used.
-
-    None for steps, guidance or size means: the pipeline's own default.
+class Calibration(Sampling):
+    """Pipeline settings for calibration runs, as the model is normally used: a `dq.Sampling`
+    (same fields, same checks; None for steps, guidance or size means the pipeline's own
+    default) plus how many prompts to run.
 
     Args:
-        num_inference_steps: sampling steps per calibration image.
-        guidance_scale: classifier-free guidance (<= 1 turns CFG off; 0.0 for Turbo models).
-        height, width: image size in pixels.
+        num_inference_steps, guidance_scale, height, width, seed, extra: as in `Sampling`.
+        batch_size: prompts per pipeline call (1 unless the recipe says otherwise).
         num_prompts: how many calibration prompts to run.
-        batch_size: prompts per pipeline call.
         steps_range: (fewest, most) steps the model is used with, for reference.
+
+    Example:
+        >>> Calibration(4, 1.5, 512, 512).call_kwargs()
+        {'num_inference_steps': 4, 'guidance_scale': 1.5, 'height': 512, 'width': 512}
     """
 
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    height: int | None = None
-    width: int | None = None
-    num_prompts: int = 32
     batch_size: int = 1
+    num_prompts: int = 32
     steps_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.num_inference_steps is not None and self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        for k in ("height", "width"):
-            v = getattr(self, k)
-            if v is not None and (v < 8 or v % 8):
-                raise ValueError(f"{k} must be a positive multiple of 8 (the VAE factor), got {v}")
-        if self.num_prompts < 1 or self.batch_size < 1:
-            raise ValueError(
-                f"num_prompts and batch_size must be >= 1, got {self.num_prompts}, {self.batch_size}"
-            )
+        super().__post_init__()
+        n = self.num_prompts
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_prompts={n!r}: must be an int >= 1")
 
-    def pipeline_kwargs(self) -> dict[str, Any]:
-        """The pipeline-call arguments this sets (those left None are omitted).
-
-        Example:
-            >>> Calibration(4, 1.5, 512, 512).pipeline_kwargs()
-            {'num_inference_steps': 4, 'guidance_scale': 1.5, 'height': 512, 'width': 512}
-        """
-        keys = ("num_inference_steps", "guidance_scale", "height", "width")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+    def sampling(self) -> Sampling:
+        """The plain `Sampling` of these settings (what `dq.quantize` calls the pipeline with)."""
+        return Sampling(**{f.name: getattr(self, f.name) for f in fields(Sampling)})
 
 
 @dataclass(frozen=True)
