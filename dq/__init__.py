@@ -14,6 +14,8 @@ is, otherwise by an import hook (`dq._registration`) — so `import dq` before o
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -74,6 +76,19 @@ if TYPE_CHECKING:  # what static tools see; at run time `__getattr__` imports th
     from dq.serialization import load, save_pretrained  # noqa: F401
     from dq.simulate import fake_quantized  # noqa: F401
     from dq.storage import spec_nbytes  # noqa: F401
+
+class _Package(types.ModuleType):
+    """dq's module type: `dq.generate` stays the function when the submodule of the same name
+    is imported (the import system binds a submodule to its parent's attribute on first load,
+    which would otherwise replace the public function with the module)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "generate" and isinstance(value, types.ModuleType):
+            value = value.generate
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 from dq import _registration  # noqa: E402
 

@@ -8,6 +8,7 @@ random-weight open_clip ViT and a random-weight Inception loaded from local file
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ import dq
 from dq import evaluate as E
 from dq.testing import tiny_sd_pipeline
 
-G = sys.modules["dq.generate"]  # the module (dq.generate the attribute is the function)
+G = importlib.import_module("dq.generate")  # the module (dq.generate the attribute is the function)
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a small red square",
            "a large blue circle", "a yellow star"]  # fmt: skip
@@ -288,3 +289,43 @@ def test_standard_judges_offline_from_local_weights(world, first, tmp_path, monk
     for k in ("fid_real", "fid_ref", "clip_score", "feature_dist_vs_ref"):
         assert m[k] is not None and m[k] == m[k], k  # finite, not NaN
     assert "resize:" in (tmp_path / "run" / "report.md").read_text()
+
+
+# LPIPS offline: torchvision's AlexNet weights from a local file in torch's hub cache (as after a
+# first online run; here randomly initialised), the LPIPS heads from torchmetrics' package.
+
+
+@pytest.fixture
+def offline_alexnet(tmp_path, monkeypatch):
+    import torch.hub
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    url = torchvision.models.AlexNet_Weights.DEFAULT.url
+    ckpt = tmp_path / "torch-home" / "hub" / "checkpoints" / os.path.basename(url)
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), ckpt)
+
+    def no_network(*a, **k):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return ckpt
+
+
+def test_lpips_vs_reference_runs_offline(world, first, tmp_path, monkeypatch, offline_alexnet):
+    _, out1, _ = first
+    name, clip_path = _tiny_open_clip(tmp_path)
+    inception = _random_inception(tmp_path, monkeypatch)
+    shutil.copytree(out1, tmp_path / "run", ignore=shutil.ignore_patterns(".stats", "report*"))
+    settings = E.EvalSettings(evaluator="standard", clip_model=name, clip_weights=str(clip_path),
+                              inception_weights=str(inception), fid_feature=64, lpips=True,
+                              bootstrap=50)  # fmt: skip
+    rep = run(world, tmp_path / "run", evaluators=None, settings=settings, counter={})
+    assert rep["perceptual"].startswith("LPIPS (alex, torchmetrics)"), rep.get("perceptual")
+    ref, q = rep["models"][0]["metrics"], rep["models"][1]["metrics"]
+    assert "feature_dist_vs_ref" not in q or q["feature_dist_vs_ref"] is None
+    assert q["lpips_vs_ref"] is not None and q["lpips_vs_ref"] > 0  # quantized images differ
+    if ref.get("lpips_vs_ref") is not None:
+        assert ref["lpips_vs_ref"] == pytest.approx(0.0, abs=1e-6)  # the reference against itself

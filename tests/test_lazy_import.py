@@ -104,3 +104,16 @@ def test_registration_hook_leaves_the_registry_module_as_diffusers_built_it():
         """
     )
     assert res.stdout.strip() == "ok"
+
+
+def test_dq_generate_stays_the_function_whatever_was_imported_first():
+    res = _python(
+        """
+        import dq, dq.api, dq.sensitivity, sys   # these import the dq.generate submodule
+        import dq.generate as g
+        assert callable(dq.generate) and dq.generate is sys.modules["dq.generate"].generate
+        assert g is dq.generate and dq.Sampling is sys.modules["dq.sampling"].Sampling
+        print("ok")
+        """
+    )
+    assert res.stdout.strip() == "ok"
