@@ -22,6 +22,11 @@ quantizers do), so `DiffusionPipeline.from_pretrained(dir)` and the model classe
 file: no calibration data, no re-quantization, and only safetensors and JSON are read. Without
 `import dq`, diffusers' own error quotes the method name, which says to import dq.
 
+A float folder can also be quantized while it loads, with a weight-only config
+(`from_pretrained(dir, quantization_config=DQDiffusersConfig(config="w8a16"))`, or
+`PipelineQuantizationConfig(quant_backend="dq", quant_kwargs={"config": "w8a16"}, ...)`):
+layer by layer, equal to `dq.quantize_model` bit for bit (`dq.onload`).
+
 The safetensors headers also carry a sha256 of the plan (and a CRC per plan entry), so a plan
 edited after saving is refused with the layers it changed, even where every tensor still fits
 (int4 -> fp4_e2m1: same packed storage). Before diffusers reads a dq component's weights, the
@@ -151,25 +156,49 @@ class DQQuantizationMethod(str, Enum):
 
 
 class DQDiffusersConfig(QuantizationConfigMixin):
-    """The `quantization_config` of a dq-quantized diffusers model (JSON only).
+    """dq's `quantization_config` for diffusers: a request to quantize a float checkpoint while
+    it loads, or the plan stored in a dq-quantized model's `config.json` (JSON only).
+
+    Quantize on load (weight-only configs: "w8a16", "w4a16", "fp8", "fp4", or any QuantConfig
+    whose specs have no activation format). Each planned layer is quantized as its float tensors
+    arrive, so the whole float model is never held; the result equals `dq.quantize_model` of
+    the float model loaded with the same `torch_dtype`, bit for bit, and saves with
+    `save_pretrained` like any dq model. Configs with activation formats need calibration and
+    are refused with a pointer to `dq.quantize(pipe, config, calib_prompts=...)`.
+
+        unet = UNet2DConditionModel.from_pretrained(
+            "sd15", subfolder="unet", quantization_config=DQDiffusersConfig(config="w4a16"))
+        pipe = DiffusionPipeline.from_pretrained("sd15", quantization_config=
+            PipelineQuantizationConfig(quant_backend="dq", quant_kwargs={"config": "w8a16"},
+                                       components_to_quantize=["unet"]))
 
     Args:
-        plan: the resolved `QuantConfig` as a dict (`QuantConfig.to_dict()`): every quantizable
-            layer -> its LayerSpec dict, or None where the layer stays in float.
+        config: for quantize-on-load: a preset name, a `dq.QuantConfig` or its dict.
+        modules_to_not_convert: for quantize-on-load: more layers kept in float, named as for
+            diffusers' quantizers ("to_k", "attn2", "down_blocks.0") or globs; added to the
+            config's skips (a single string is one name).
+        plan: the stored form: the resolved `QuantConfig` as a dict (`QuantConfig.to_dict()`):
+            every quantizable layer -> its LayerSpec dict, or None where the layer stays in float.
         dq_version: version of the dq that wrote the checkpoint.
         format_version: version of this layout; a newer one than this dq knows is refused.
         extra_buffers: module name -> names of extra persistent buffers (precomputed constants)
             the checkpoint holds beyond codes, scales and float weights.
         quant_method: the registered method name (the default, or the "dq" alias).
 
+    Give `config` (a request) or `plan` (a stored model), not both.
+
     Example:
         >>> cfg = DQDiffusersConfig.from_quant_config(QuantConfig.from_preset("w8a16"))
         >>> DQDiffusersConfig.from_dict(cfg.to_dict()).quant_config == cfg.quant_config
+        True
+        >>> DQDiffusersConfig(config="w8a16").is_request
         True
     """
 
     def __init__(
         self,
+        config: str | QuantConfig | dict[str, Any] | None = None,
+        modules_to_not_convert: list[str] | str | None = None,
         plan: dict[str, Any] | None = None,
         dq_version: str | None = None,
         format_version: int = FORMAT_VERSION,
@@ -207,18 +236,43 @@ class DQDiffusersConfig(QuantizationConfigMixin):
                 f"this checkpoint uses dq format version {self.format_version}, newer than this dq "
                 f"understands ({FORMAT_VERSION}); upgrade dq (pip install -U dq) to load it.{hint}"
             )
+        self._model_ref: weakref.ref | None = None
+        self.extra_buffers = _check_extra_buffers(extra_buffers or {})
+        if config is not None:
+            if plan is not None:
+                raise ValueError(
+                    "give DQDiffusersConfig either config= (quantize a float checkpoint while "
+                    "loading) or plan= (the stored form of a dq model), not both"
+                )
+            from dq.onload import request_config
+
+            self._quant_config = request_config(config, modules_to_not_convert or ())
+            self.plan = None  # resolved on the model being loaded
+            return
+        if modules_to_not_convert:
+            raise ValueError(
+                "modules_to_not_convert applies when quantizing on load "
+                "(DQDiffusersConfig(config='w8a16', modules_to_not_convert=[...])); a stored "
+                "plan already names every layer"
+            )
         if plan is None:
             raise ValueError(
-                "dq quantization_config has no 'plan'; the config.json was not written by dq "
-                "(save quantized pipelines with pipe.save_pretrained after dq.quantize)"
+                "DQDiffusersConfig needs config= to quantize a float checkpoint while loading "
+                "(a weight-only preset such as 'w8a16' or 'w4a16', or a dq.QuantConfig); a "
+                "config.json whose dq quantization_config has neither 'config' nor 'plan' was "
+                "not written by dq (save quantized pipelines with pipe.save_pretrained after "
+                "dq.quantize)"
             )
         try:
             self._quant_config = QuantConfig.from_dict(plan)
         except ValueError as e:
             raise ValueError(f"dq quantization_config: the plan is not valid: {e}{hint}") from e
         self.plan = self._quant_config.to_dict()
-        self.extra_buffers = _check_extra_buffers(extra_buffers or {})
-        self._model_ref: weakref.ref | None = None
+
+    @property
+    def is_request(self) -> bool:
+        """True for a quantize-on-load request (`config=`), False for a stored plan."""
+        return self.plan is None
 
     @classmethod
     def from_quant_config(
@@ -236,6 +290,13 @@ class DQDiffusersConfig(QuantizationConfigMixin):
         self._model_ref = weakref.ref(model)
 
     def to_dict(self) -> dict[str, Any]:
+        if self.is_request:  # round-trips through from_dict as the same request
+            return {
+                "quant_method": QUANT_METHOD,
+                "format_version": self.format_version,
+                "dq_version": self.dq_version,
+                "config": self._quant_config.to_dict(),
+            }
         model = self._model_ref() if self._model_ref is not None else None
         if model is not None:
             self.extra_buffers = extra_buffers(model)
@@ -247,6 +308,10 @@ class DQDiffusersConfig(QuantizationConfigMixin):
             "extra_buffers": {k: list(v) for k, v in sorted(self.extra_buffers.items())},
         }
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """As `to_dict`: dq has no default config to leave out."""
+        return self.to_dict()
+
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
@@ -254,6 +319,10 @@ class DQDiffusersConfig(QuantizationConfigMixin):
         yield from self.to_dict().items()
 
     def __repr__(self) -> str:
+        if self.is_request:
+            c = self._quant_config
+            default = "float" if c.default is None else f"{c.default.weight}/{c.default.weight_granularity}"
+            return f"DQDiffusersConfig(config={c.name!r}: {default}, skip={list(c.skip)}, quantized on load)"
         layers = self.plan.get("layers", {})
         n_q = sum(v is not None for v in layers.values())
         return (
@@ -402,9 +471,16 @@ def _crc32(t: torch.Tensor) -> int:
 
 
 class DQQuantizer(DiffusersQuantizer):
-    """diffusers' hooks for dq checkpoints (pre-quantized only).
+    """diffusers' hooks for dq: loading dq checkpoints, and quantizing float checkpoints while
+    they load (weight-only configs, `dq.onload`).
 
-    Load order inside `ModelMixin.from_pretrained`: `maybe_update_loaded_keys` (read the
+    Quantize-on-load (`pre_quantized=False`: the folder is float, `quantization_config=
+    DQDiffusersConfig(config=...)`): `_process_model_before_weight_loading` resolves the plan
+    on the meta model, `create_quantized_param` receives each planned layer's float weight and
+    bias and quantizes the layer once it has both, `_process_model_after_weight_loading`
+    records the resolved plan (what `save_pretrained` writes).
+
+    Load order of a dq checkpoint inside `ModelMixin.from_pretrained`: `maybe_update_loaded_keys` (read the
     safetensors headers), `_process_model_before_weight_loading` (swap in empty QLinear /
     QConv2d per the plan, their tensors on the meta device), `update_missing_keys` (check every
     tensor's name, shape and dtype against the plan: any mismatch raises before a weight is
@@ -415,15 +491,23 @@ class DQQuantizer(DiffusersQuantizer):
 
     requires_calibration = False
     required_packages = ["dq"]
-    use_keep_in_fp32_modules = False
+    # float tensors of the model class's `_keep_in_fp32_modules` load in float32 (as for the
+    # float model); quantize-on-load keeps those layers in float
+    use_keep_in_fp32_modules = True
 
     def __init__(self, quantization_config: DQDiffusersConfig, **kwargs: Any):
         super().__init__(quantization_config, **kwargs)
-        if not self.pre_quantized:
+        self._onload = None
+        if self.pre_quantized and quantization_config.is_request:
             raise ValueError(
-                "dq's diffusers integration loads checkpoints already quantized by dq; to "
-                "quantize a float model use dq.quantize(pipe, config)"
+                "this config.json holds a dq quantize-on-load request ('config'), not the plan of "
+                "a quantized model; pass the request to from_pretrained(quantization_config=...) "
+                "of a float folder instead"
             )
+        if not self.pre_quantized:  # a float checkpoint, quantized layer by layer while loading
+            from dq.onload import LoadTimeQuantizer, request_config
+
+            self._onload = LoadTimeQuantizer(request_config(quantization_config.quant_config))
         self._files: list[str] = []
         self._header: dict[str, tuple[tuple[int, ...], str, str]] = {}
         self._meta: dict[str, str] = {}
@@ -442,8 +526,13 @@ class DQQuantizer(DiffusersQuantizer):
     def supports_safetensors_serialization(self) -> bool:
         return True
 
+    def update_torch_dtype(self, torch_dtype: torch.dtype | None) -> torch.dtype:
+        """Unset means float32 (what the float model loads in), so `_pre_quantization_dtype`
+        names a real dtype; codes and scales keep their stored dtypes either way."""
+        return torch.float32 if torch_dtype is None else torch_dtype
+
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        if "torch_dtype" in kwargs:  # the first call, before diffusers picks and reads a file
+        if "torch_dtype" in kwargs and self.pre_quantized:  # the first call, before diffusers picks and reads a file
             _precheck_caller_folder()
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
@@ -477,6 +566,8 @@ class DQQuantizer(DiffusersQuantizer):
 
     # -- load, in the order diffusers calls them --
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list) -> list[str]:
+        if not self.pre_quantized:
+            return loaded_keys
         files = [f for f in checkpoint_files if not isinstance(f, dict)]
         self._files = [str(f) for f in files]
         self._header, self._meta = read_safetensors_headers(self._files)
@@ -484,6 +575,9 @@ class DQQuantizer(DiffusersQuantizer):
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self._onload is not None:
+            self._onload.prepare(model, kwargs.get("keep_in_fp32_modules") or ())
+            return model
         cfg = self.quantization_config.quant_config
         for name, spec in cfg.layers.items():
             if spec is None:
@@ -553,6 +647,8 @@ class DQQuantizer(DiffusersQuantizer):
         state_dict: dict[str, Any],
         **kwargs: Any,
     ) -> bool:
+        if self._onload is not None:
+            return self._onload.owns(param_name)
         module_name, _, tensor_name = param_name.rpartition(".")
         module = _get_submodule(model, module_name) if module_name else model
         if isinstance(module, QuantizedLayerMixin):
@@ -579,6 +675,9 @@ class DQQuantizer(DiffusersQuantizer):
         unexpected_keys: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
+        if self._onload is not None:  # a float tensor, already in the load's torch_dtype
+            self._onload.take(model, param_name, param_value, target_device)
+            return
         # diffusers casts floating tensors to `torch_dtype` before this call: take the stored
         # tensor instead, so codes (float8 too) and float32 scales keep their dtypes.
         value = state_dict.get(param_name, param_value)
@@ -597,11 +696,17 @@ class DQQuantizer(DiffusersQuantizer):
             module._buffers[tensor_name] = value
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self._onload is not None:
+            resolved = self._onload.finish(model)
+            self.quantization_config = DQDiffusersConfig.from_quant_config(resolved, extra_buffers(model))
         left = [n for n, t in _named_tensors(model) if t.device.type == "meta"]
         if left:
+            fix = (
+                "the float folder is incomplete" if self._onload is not None
+                else "the folder is incomplete: save the quantized pipeline again with dq"
+            )
             raise ValueError(
-                f"{len(left)} tensor(s) were not found in the checkpoint ({left[:3]}); the "
-                "folder is incomplete: save the quantized pipeline again with dq"
+                f"{len(left)} tensor(s) were not found in the checkpoint ({left[:3]}); {fix}"
             )
         self.quantization_config._bind(model)
         model._dq_config = self.quantization_config.quant_config
@@ -1022,6 +1127,12 @@ def register() -> None:
 
 
 register()
+
+# PipelineQuantizationConfig(quant_backend="dq") also needs the name in transformers' registry
+# (diffusers checks both when transformers is installed); added when transformers imports it.
+from dq.onload import register_with_transformers_when_imported  # noqa: E402
+
+register_with_transformers_when_imported()
 
 
 # ----------------------------------------------------------------------------------------------
