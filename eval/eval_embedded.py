@@ -1,14 +1,18 @@
-"""`dq eval` on the embedded pipeline: full precision (the reference), W8A8 and uniform W4A8.
+"""`dq eval` on the embedded pipeline: full precision (the reference), W8A8, uniform W4A8 and the
+ILP-allocated mixed W4A8 (dq's `w4a8` preset: sensitivity table + integer program at uniform
+INT4's bytes, 8-bit activations).
 
 Writes the held-out prompts to a text file and real world images to a PNG folder, quantizes and
-saves the two models under runs/, runs `dq.evaluate.evaluate` (the library behind `dq eval`) and
-copies its report, grid and Pareto plot to eval/results/eval_embedded*.
+saves the models under runs/ (each once: an existing folder is reused), runs `dq.evaluate.evaluate`
+(the library behind `dq eval`; images already on disk are not regenerated, so adding a row costs
+that row only) and copies its report, grid and Pareto plot to eval/results/eval_embedded*.
 
     nohup .venv/bin/python eval/eval_embedded.py > runs/eval.log 2>&1 &
 
 The same evaluation from the command line, once the folders exist:
 
-    dq eval runs/eval_embedded/w8a8 runs/eval_embedded/w4a8 --prompts runs/eval_embedded/heldout.txt \
+    dq eval runs/eval_embedded/w8a8 runs/eval_embedded/w4a8_uniform runs/eval_embedded/w4a8_mixed \
+        --prompts runs/eval_embedded/heldout.txt \
         --reference dq/data/tiny-shapes --real runs/eval_embedded/real --num-images 300 \
         --out runs/eval_embedded/out --batch-size 25
 """
@@ -24,7 +28,7 @@ import torch
 torch.set_num_threads(1)  # the machine's 2 cores are shared
 
 import dq  # noqa: E402
-from dq import assets  # noqa: E402
+from dq import assets, recipes  # noqa: E402
 from dq import evaluate as E  # noqa: E402
 
 
@@ -39,8 +43,9 @@ class Settings:
 
 
 CONFIGS = {
-    "w8a8": "w8a8",  # dq's preset
-    "w4a8": dq.QuantConfig(default=dq.LayerSpec("int4", "channel", act="uint8"), name="w4a8-uniform"),
+    "w8a8": "w8a8",  # dq's preset: INT8 per channel (pair-limited), static UINT8 activations
+    "w4a8_uniform": "w4a8_uniform",  # INT4 per channel (MSE scales) everywhere, UINT8 activations
+    "w4a8_mixed": "w4a8",  # mixed precision: a format per layer from the ILP, INT4's bytes (~8 min here)
 }
 
 
@@ -61,7 +66,9 @@ def prepare(s: Settings) -> tuple[Path, Path, list[Path]]:
         folder = s.work / name
         if not (folder / "model_index.json").is_file():
             print(f"quantizing {name}", flush=True)
-            pipe = dq.quantize(assets.load_embedded_pipeline(), cfg)
+            # the recipe's calibration set (64 world captions, 20 steps, guidance 4), given explicitly
+            calib = assets.calibration_prompts()[: recipes.get("embedded").calibration.num_prompts]
+            pipe = dq.quantize(assets.load_embedded_pipeline(), cfg, calib_prompts=calib)
             pipe.save_pretrained(folder)
         folders.append(folder)
     return prompt_file, real, folders
