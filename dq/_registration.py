@@ -25,6 +25,9 @@ TARGET = "diffusers.quantizers.auto"
 
 
 def _register() -> None:
+    mod = sys.modules.get("dq.serialization")
+    if mod is not None and getattr(mod.__spec__, "_initializing", False):
+        return  # dq.serialization is the importer: it registers itself when its import ends
     try:
         from dq import serialization
 

@@ -117,3 +117,17 @@ def test_dq_generate_stays_the_function_whatever_was_imported_first():
         """
     )
     assert res.stdout.strip() == "ok"
+
+
+def test_importing_dq_serialization_first_registers_without_a_warning():
+    res = _python(
+        """
+        import warnings
+        warnings.simplefilter("error")        # any registration warning fails the child
+        import dq.serialization
+        import diffusers.quantizers.auto as auto
+        assert "dq" in auto.AUTO_QUANTIZER_MAPPING
+        print("ok")
+        """
+    )
+    assert res.stdout.strip() == "ok"
