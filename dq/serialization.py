@@ -415,13 +415,13 @@ def attach_quantization_config(model: nn.Module, cfg: QuantConfig) -> None:
     model.is_quantized = True
     model.quantization_method = qcfg.quant_method
     model._dq_config = cfg
-    allow_same_dtype_to(model)
+    install_model_methods(model)
     if hasattr(model, "register_to_config"):
         model.register_to_config(quantization_config=qcfg)
 
 
 def _quantized_to(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-    """`model.to(...)` for a dq-quantized diffusers model (installed by `allow_same_dtype_to`)."""
+    """`model.to(...)` for a dq-quantized diffusers model (installed by `install_model_methods`)."""
     dtype = kwargs.pop("dtype", None)
     rest = [a for a in args if not isinstance(a, torch.dtype)]
     dtype = next((a for a in args if isinstance(a, torch.dtype)), dtype)
@@ -436,8 +436,9 @@ def _quantized_to(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     return type(model).to(model, *rest, **kwargs)  # a device move, or nothing
 
 
-def allow_same_dtype_to(model: nn.Module) -> None:
-    """Let `model.to(dtype=...)` through when the dtype is the model's own.
+def install_model_methods(model: nn.Module) -> None:
+    """Let `model.to(dtype=...)` through when the dtype is the model's own, and make
+    `model.num_parameters()` count the quantized weights.
 
     diffusers' `ModelMixin.to` refuses any dtype on a quantized model, even one that casts
     nothing, and `Pipeline.from_pipe` always passes one (float32 unless told otherwise), so
@@ -445,6 +446,22 @@ def allow_same_dtype_to(model: nn.Module) -> None:
     dtype equal to `model.dtype` and refuses any other with the fix; devices move as before.
     """
     model.to = types.MethodType(_quantized_to, model)
+    model.num_parameters = types.MethodType(_quantized_num_parameters, model)
+
+
+def _quantized_num_parameters(
+    model: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False
+) -> int:
+    """`ModelMixin.num_parameters` counting each quantized layer's weight as the parameters it
+    stands for (dq keeps codes and scales as buffers, so the float count would miss them);
+    quantized weights are frozen, so `only_trainable` leaves them out."""
+    skip = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+    total = sum(p.numel() for n, p in model.named_parameters()
+                if n not in skip and (p.requires_grad or not only_trainable))  # fmt: skip
+    if not only_trainable:
+        total += sum(int(torch.Size(m.weight_shape).numel()) for m in model.modules()
+                     if isinstance(m, QuantizedLayerMixin))  # fmt: skip
+    return total
 
 
 def _get_submodule(model: nn.Module, name: str) -> nn.Module | None:
@@ -710,7 +727,7 @@ class DQQuantizer(DiffusersQuantizer):
             )
         self.quantization_config._bind(model)
         model._dq_config = self.quantization_config.quant_config
-        allow_same_dtype_to(model)
+        install_model_methods(model)
         calibration = _parse_calibration(self._meta)
         if calibration is not None:
             model._dq_calibration = calibration

@@ -128,13 +128,11 @@ weight_only = pytest.mark.parametrize("name", WEIGHT_ONLY)
 
 
 @backends
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "dq stores codes and scales as buffers, so ModelMixin.num_parameters() counts only the "
-    "float parameters (biases, skipped layers): 9,604 of 792,964 on the tiny UNet. Counting the "
-    "quantized weights needs a change outside dq/serialization.py (dq/modules.py or a model "
-    "method), left to that owner"))
 def test_num_parameters_match_the_float_model(name, make, float_unet):
-    assert make(name).num_parameters() == float_unet.num_parameters()
+    q = make(name)
+    assert q.num_parameters() == float_unet.num_parameters()
+    # quantized weights are frozen: only the float parameters can train
+    assert q.num_parameters(only_trainable=True) == sum(p.numel() for p in q.parameters() if p.requires_grad)
 
 
 @backends
