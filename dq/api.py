@@ -547,7 +547,8 @@ def quantize_model(
         calibrate: `calibrate(unet)` runs forwards on representative inputs; hooks record the
             activation ranges meanwhile. Required when the config quantizes activations.
         rounding, rounding_settings: as in `quantize`.
-        progress: a progress bar over layers while weights are quantized.
+        progress: progress bars: UNet calls during calibration, then layers while weights are
+            quantized.
 
     Example:
         >>> dq.quantize_model(unet, "w8a8", calibrate=lambda m: m(x, t, ctx))
@@ -558,11 +559,21 @@ def quantize_model(
             f"{cfg.name!r} is mixed precision, allocated from image-level sensitivity: use "
             "dq.quantize(pipe, ...) with the pipeline, or pass the allocated QuantConfig here"
         )
-    run = None if calibrate is None else (lambda: calibrate(unet))
+    run = None if calibrate is None else (lambda: _calls_with_progress(unet, calibrate, progress))
     return _calibrate_and_apply(
         unet, cfg, run, rounding=rounding, rounding_settings=rounding_settings, progress=progress,
         missing_run="pass calibrate=fn where fn(unet) runs the model on representative inputs",
     )
+
+
+def _calls_with_progress(unet: nn.Module, calibrate: Callable[[nn.Module], None], progress: bool) -> None:
+    """`calibrate(unet)` under a progress bar counting the UNet calls it makes."""
+    with tqdm(desc="dq calibration", unit="call", disable=not progress) as bar:
+        handle = unet.register_forward_hook(lambda *_: bar.update(1))
+        try:
+            calibrate(unet)
+        finally:
+            handle.remove()
 
 
 def _register_config(unet: nn.Module, cfg: QuantConfig) -> None:

@@ -254,26 +254,48 @@ def _qparams_from_range(
     return scale, zp.to(torch.int32)
 
 
-def _sq_err_rows(xr, fmt, scale, zp):
-    """Squared error of fake quantization per row: rows [R, N], params [R, 1] -> [R, 1].
-    Same arithmetic as quantize + dequantize, with the temporaries reused in place."""
+def _row_errors(xr, fmt, scale, zp):
+    """Root squared error of fake quantization per row: rows [R, N], params [R, 1] -> [R, 1].
+
+    Computed on the grid's side: with y = x / s (+ zp), ||dequantize(quantize(x)) - x|| =
+    s * ||q - y||, q = clamp(round(y)) (clamping integer bounds commutes with rounding), so one
+    candidate costs a division, a rounding, a subtraction and a norm."""
     y = xr / scale
     if isinstance(fmt, IntFormat):
         if zp is not None:
             y.add_(zp)
-        y.round_().clamp_(fmt.qmin, fmt.qmax)
-        if zp is not None:
-            y.sub_(zp)
+        q = y.clamp(fmt.qmin, fmt.qmax).round_()
     else:
-        y = fmt.round(y)
-    return y.mul_(scale).sub_(xr).square_().sum(dim=1, keepdim=True)
+        q = fmt.round(y)
+    return torch.linalg.vector_norm(q.sub_(y), dim=1, keepdim=True).mul_(scale)
+
+
+# Row-wise work on weights (scale search, rounding) runs in blocks of about this many elements:
+# temporaries stay in the cores' caches and are recycled by the allocator instead of being
+# fresh, page-faulted allocations of a whole layer's size each.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _row_blocks(rows: int, row_len: int) -> list[tuple[int, int]]:
+    """[(r0, r1), ...] covering `rows` rows of `row_len` elements in blocks of about
+    CHUNK_ELEMENTS elements (at least one row each)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, row_len))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
 def _mse_search(xr, lo, hi, fmt, symmetric, n, scale, zp):
     """Per-row shrink factor alpha = 1 - i/n of the clipping range minimising the squared error
-    of fake quantization, searched coarse-to-fine: every sqrt(n)-th i first, then the
-    neighbours of each row's best (~2 sqrt(n) passes instead of n). alpha = 1 (the given
-    scale/zp) is the starting point and only a strictly smaller error replaces it.
+    of fake quantization. alpha = 1 (the given scale/zp) is the starting point and only a
+    strictly smaller error replaces it.
+
+    Coarse to fine: every step = isqrt(n)-th i from the top, stopping once no row has improved
+    over the last two coarse points (the error grows again as clipping bites, for every row);
+    then each row's best i moves by +-step/2, +-step/4, ... +-1 (5, 2, 1 for n = 100) where
+    that helps: 11-16 candidates instead of the 28 of a +-(step - 1) neighbourhood. Measured
+    on normal, Laplace and the embedded UNet's trained weights (INT4/INT3/INT2 in groups of 64,
+    FP4 E2M1 in groups of 32): total squared error 0.02-0.05 % above the +-(step - 1)
+    neighbourhood and 0.05-0.3 % above trying every i, against +17-30 % (4 bits) for min-max
+    (eval/quantize_real.py --search-check).
 
     xr [R, N]; lo, hi [R, 1] the min-max range; scale, zp [R, 1]. Returns (scale, zp) [R, 1].
     """
@@ -281,14 +303,14 @@ def _mse_search(xr, lo, hi, fmt, symmetric, n, scale, zp):
         lo, hi = lo.expand(xr.shape[0], 1), hi.expand(xr.shape[0], 1)
         scale = scale.expand(xr.shape[0], 1)
         zp = None if zp is None else zp.expand(xr.shape[0], 1)
-    best = _sq_err_rows(xr, fmt, scale, zp)  # [R, 1]
+    best = _row_errors(xr, fmt, scale, zp)  # [R, 1]
     best_i = torch.zeros(best.shape, dtype=torch.long)
 
     def consider(i_rows: torch.Tensor) -> None:
         nonlocal best, best_i, scale, zp
         alpha = 1.0 - i_rows.to(lo.dtype) / n  # [R, 1]
         s_a, zp_a = _qparams_from_range(lo * alpha, hi * alpha, fmt, symmetric)
-        err = _sq_err_rows(xr, fmt, s_a, zp_a)
+        err = _row_errors(xr, fmt, s_a, zp_a)
         better = err < best
         best = torch.where(better, err, best)
         best_i = torch.where(better, i_rows, best_i)
@@ -299,15 +321,16 @@ def _mse_search(xr, lo, hi, fmt, symmetric, n, scale, zp):
     step = max(1, math.isqrt(n))
     for i in range(step, n, step):
         consider(torch.full_like(best_i, i))
-    if step > 1:
+        if i >= 2 * step and not bool((best_i >= i - step).any()):
+            break  # every row got worse twice in a row
+    d = step // 2
+    while d >= 1:  # halving steps around each row's best: 5, 2, 1 for n = 100
         centre = best_i.clone()
-        for d in range(-step + 1, step):
-            if d == 0:
-                continue
-            i_rows = centre + d
+        for i_rows in (centre - d, centre + d):
             ok = (i_rows > 0) & (i_rows < n)
             if bool(ok.any()):
                 consider(torch.where(ok, i_rows, torch.zeros_like(i_rows)))
+        d //= 2
     return scale, zp
 
 
@@ -367,8 +390,6 @@ def compute_qparams(
         raise ValueError(f"x must be a float tensor, got {x.dtype}; convert it with x.float()")
     if x.numel() == 0:
         raise ValueError("x is empty; there is nothing to compute a scale from")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or inf; clean the tensor (e.g. torch.nan_to_num) first")
     pshape = param_shape(x.shape, g)
     xr = _rows(to_layout(x.float(), g), g)  # [R, N]
 
@@ -381,22 +402,25 @@ def compute_qparams(
             k_lo = max(1, min(n, n + 1 - k_hi))
             lo = xr.kthvalue(k_lo, dim=1, keepdim=True).values
             hi = xr.kthvalue(k_hi, dim=1, keepdim=True).values
-    elif symmetric:
-        lo = hi = xr.abs().amax(dim=1, keepdim=True)  # [R, 1]
-    else:
-        lo, hi = xr.aminmax(dim=1, keepdim=True)
+    else:  # no temporary of x's size; max |x| = max(-min, max)
+        lo, hi = xr.amin(dim=1, keepdim=True), xr.amax(dim=1, keepdim=True)  # [R, 1] each
+        if symmetric:
+            lo = hi = torch.maximum(-lo, hi)
+    # NaN and inf survive min / max, so the reduced range tells whether x is finite; quantiles
+    # may skip them
+    finite = torch.isfinite(x).all() if method == "percentile" else torch.isfinite(hi).all() & torch.isfinite(lo).all()
+    if not bool(finite):
+        raise ValueError("x contains NaN or inf; clean the tensor (e.g. torch.nan_to_num) first")
 
     scale, zp = _qparams_from_range(lo, hi, fmt, symmetric)
 
     if method == "mse":
-        # rows in chunks of ~1M elements, so each candidate's pass stays in cache
-        rows = max(1, (1 << 20) // max(1, xr.shape[1]))
         parts = [
             _mse_search(
-                xr[i : i + rows], lo[i : i + rows], hi[i : i + rows], fmt, symmetric, mse_grid,
-                scale[i : i + rows], None if zp is None else zp[i : i + rows],
+                xr[a:b], lo[a:b], hi[a:b], fmt, symmetric, mse_grid,
+                scale[a:b], None if zp is None else zp[a:b],
             )
-            for i in range(0, xr.shape[0], rows)
+            for a, b in _row_blocks(xr.shape[0], xr.shape[1])
         ]
         scale = torch.cat([p[0] for p in parts])
         if zp is not None:
@@ -593,17 +617,28 @@ def pair_limited_values(
         (scale shaped as given, values [O, K] float in w's flattened order)
     """
     o, i = w.shape[0], w.shape[1]
-    s = torch.maximum(scale.reshape(o).float(), pair_absmax(w) / limit)
-    x = w.reshape(o, i, -1) / s.view(o, 1, 1)  # [O, I, taps]
-    if i % 2:
-        x = F.pad(x, (0, 0, 0, 1))
-    xa, xb = x[:, 0::2], x[:, 1::2]
-    qa, qb = xa.round().clamp(-qmax, qmax), xb.round().clamp(-qmax, qmax)
+    w3 = w.reshape(o, i, -1).float()  # [O, I, taps]
+    if i % 2:  # an odd last channel pairs with zero
+        w3 = F.pad(w3, (0, 0, 0, 1))
+    a = w3.abs()
+    pair = a[:, 0::2] + a[:, 1::2]  # [O, I/2, taps]
+    del a
+    s = torch.maximum(scale.reshape(o).float(), pair.amax(dim=(1, 2)) / limit)  # P / limit
+    x = w3 / s.view(o, 1, 1)
+    # Rounding adds at most 1/2 to each |x|, so a pair can overshoot only where its unrounded
+    # sum is within 1 of the limit: few places, fixed by index (same arithmetic as on all).
+    n, j, t = (pair / s.view(o, 1, 1) > limit - 1).nonzero(as_tuple=True)
+    del pair
+    ja, jb = 2 * j, 2 * j + 1
+    xa, xb = x[n, ja, t], x[n, jb, t]
+    q = x.round_().clamp_(-qmax, qmax)  # x is ours: rounded in place
+    qa, qb = q[n, ja, t], q[n, jb, t]
     over = qa.abs() + qb.abs() > limit  # by exactly one
     down_a = over & (qa.abs() - xa.abs() >= qb.abs() - xb.abs())
-    qa = qa - qa.sign() * down_a
-    qb = qb - qb.sign() * (over & ~down_a)
-    q = torch.stack((qa, qb), dim=2).reshape(o, -1, x.shape[2])[:, :i]  # interleave pairs
+    q[n, ja, t] = qa - qa.sign() * down_a
+    q[n, jb, t] = qb - qb.sign() * (over & ~down_a)
+    if i % 2:
+        q = q[:, :i]
     return s.reshape(scale.shape).to(scale.dtype), q.reshape(o, -1)
 
 
@@ -753,12 +788,19 @@ def quantize_weight(
         zp = None if zero_point is None else torch.as_tensor(zero_point, dtype=torch.float32).reshape(s.shape)
         if asym and zp is None:
             raise ValueError(f"{fmt.name} weights are asymmetric: pass zero_point with scale")
+    # every step below is per output channel: run it in blocks of channels
+    v = torch.empty_like(w2)
+    blocks = _row_blocks(o, w2.shape[1])
     if spec.pair_limit is not None:  # signed INT per channel (checked by LayerSpec)
-        s, v = pair_limited_values(wf, s, fmt.qmax, spec.pair_limit)
+        s = s.clone()
+        for a, b in blocks:
+            s[a:b], v[a:b] = pair_limited_values(wf[a:b], s[a:b], fmt.qmax, spec.pair_limit)
     else:
         g = PerGroup(w2.shape[1] // s.shape[1]) if s.dim() == 2 else PerChannel(0)
-        pshape = param_shape(w2.shape, g)
-        v = quantize(w2, fmt, s.reshape(pshape), None if zp is None else zp.reshape(pshape), g)
+        for a, b in blocks:
+            pshape = param_shape(w2[a:b].shape, g)
+            v[a:b] = quantize(w2[a:b], fmt, s[a:b].reshape(pshape),
+                              None if zp is None else zp[a:b].reshape(pshape), g)
     return QWeight(v, s, zp, fmt, wf.shape)
 
 

@@ -87,9 +87,21 @@ def _nibbles(values: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 
 def pack(values: torch.Tensor, fmt: str | Format) -> torch.Tensor:
-    """Grid values [O, K] -> the storage tensor for `fmt` (odd K is padded with a zero code)."""
+    """Grid values [O, K] -> the storage tensor for `fmt` (odd K is padded with a zero code).
+
+    Runs in blocks of rows (`dq.quant.CHUNK_ELEMENTS` values each), so a whole layer's
+    temporaries are never allocated at once."""
     fmt = formats.get(fmt)
     kind = storage_of(fmt)
+    if values.dim() != 2:
+        return _pack_rows(values, fmt, kind)
+    out = torch.empty(kind.qdata_shape(*values.shape), dtype=kind.dtype, device=values.device)
+    for a, b in quant._row_blocks(values.shape[0], values.shape[1]):
+        out[a:b] = _pack_rows(values[a:b], fmt, kind)
+    return out
+
+
+def _pack_rows(values: torch.Tensor, fmt: Format, kind: StorageKind) -> torch.Tensor:
     if kind.name in ("int8", "uint8"):
         return values.round().to(kind.dtype)
     if kind.name.startswith("float8"):
