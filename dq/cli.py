@@ -431,7 +431,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _check_out(str(out / "pipeline"), "--out", pipeline, overwrite=False)
     settings = DemoSettings(
         out=out, config=args.config, pipeline=pipeline,
-        num_prompts=args.num_prompts, steps=args.steps,
+        num_prompts=args.num_prompts, steps=args.steps, real_size=not args.no_real_size,
     )
     run_demo(settings)
     return 0
@@ -484,6 +484,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default=None, help="pipeline folder (default: the embedded one packaged in dq/data/)")
     p.add_argument("--num-prompts", type=int, default=8, help="evaluation prompts, at least 2 (default: 8)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
+    p.add_argument("--no-real-size", action="store_true",
+                   help="skip timing the SD 1.5 UNet (random weights) in fp32 and the preset (~1-2 min, ~5.7 GB)")
     p.set_defaults(func=_cmd_run)
 
     unset = "unset: from the model's recipe"

@@ -254,3 +254,13 @@ def test_console_script_prints_no_traceback(tmp_path):
                          cwd=tmp_path, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert res.returncode == 2
     assert "Traceback" not in res.stderr and "PIPELINE 'tiny-pipe' does not exist" in res.stderr
+
+
+def test_run_flags_reach_the_demo_settings(tmp_path, monkeypatch):
+    import dq.demo
+
+    seen = []
+    monkeypatch.setattr(dq.demo, "run_demo", lambda s: seen.append(s))
+    assert main(["run", "--out", str(tmp_path / "r"), "--no-real-size", "--num-prompts", "3"]) == 0
+    assert main(["run", "--out", str(tmp_path / "r2")]) == 0
+    assert [s.real_size for s in seen] == [False, True] and seen[0].num_prompts == 3
