@@ -294,7 +294,7 @@ def _mse_search(xr, lo, hi, fmt, symmetric, n, scale, zp):
     that helps: 11-16 candidates instead of the 28 of a +-(step - 1) neighbourhood. Measured
     on normal, Laplace and the embedded UNet's trained weights (INT4/INT3/INT2 in groups of 64,
     FP4 E2M1 in groups of 32): total squared error 0.02-0.05 % above the +-(step - 1)
-    neighbourhood and 0.05-0.3 % above trying every i, against +17-30 % (4 bits) for min-max
+    neighbourhood and 0.03-0.3 % above trying every i, against +17-30 % (4 bits) for min-max
     (eval/quantize_real.py --search-check).
 
     xr [R, N]; lo, hi [R, 1] the min-max range; scale, zp [R, 1]. Returns (scale, zp) [R, 1].
