@@ -437,8 +437,9 @@ def _quantized_to(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
 
 
 def install_model_methods(model: nn.Module) -> None:
-    """Let `model.to(dtype=...)` through when the dtype is the model's own, and make
-    `model.num_parameters()` count the quantized weights.
+    """Let `model.to(dtype=...)` through when the dtype is the model's own, make
+    `model.num_parameters()` count the quantized weights and `model.get_memory_footprint()`
+    count the kernels' copies too.
 
     diffusers' `ModelMixin.to` refuses any dtype on a quantized model, even one that casts
     nothing, and `Pipeline.from_pipe` always passes one (float32 unless told otherwise), so
@@ -447,6 +448,22 @@ def install_model_methods(model: nn.Module) -> None:
     """
     model.to = types.MethodType(_quantized_to, model)
     model.num_parameters = types.MethodType(_quantized_num_parameters, model)
+    model.get_memory_footprint = types.MethodType(_quantized_memory_footprint, model)
+
+
+def _quantized_memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
+    """`ModelMixin.get_memory_footprint` plus what the kernels hold for the model's layers
+    outside its tensors: the CPU engine's packed copy of codes still in `qdata` (after a
+    forward with gradients, which does not hand the codes over) and FP layers' derived int8
+    weights. A layer whose codes the engine took over holds one copy, already a buffer."""
+    from dq.kernels import cache_nbytes
+
+    mem = sum(p.nelement() * p.element_size() for p in model.parameters())
+    if return_buffers:
+        mem += sum(b.nelement() * b.element_size() for b in model.buffers())
+    taken = sum(b.nelement() * b.element_size() for m in model.modules()
+                for n, b in m._buffers.items() if n == "engine_weight" and b is not None)  # fmt: skip
+    return mem + cache_nbytes(model) - taken
 
 
 def _quantized_num_parameters(

@@ -117,3 +117,27 @@ def test_get_memory_footprint_of_a_quantized_unet_is_what_is_held(config):
     if config == "w8a8":
         assert all("engine_weight" in m._buffers for m in layers if m.on_engine and m.scale.dim() == 1)
     assert reported < fp16
+
+
+def test_footprint_counts_the_engine_copy_kept_beside_the_codes_under_training():
+    """A forward with gradients does not hand the codes to the engine: the packed copy sits
+    beside them, and the reported footprint says so (then shrinks again once compacted)."""
+    from dq.testing import tiny_sd_pipeline
+
+    cpu.clear_cache()
+    pipe = tiny_sd_pipeline(seed=0)
+    dq.quantize(pipe, "w8a8", calib_prompts=["a red circle"], calibration={"num_inference_steps": 2},
+                progress=False)
+    unet = pipe.unet
+    cfg = unet.config
+    args = (torch.tensor([10]), torch.randn(1, 77, cfg.cross_attention_dim))
+    before = unet.get_memory_footprint()
+    x = torch.randn(1, cfg.in_channels, 8, 8, requires_grad=True)
+    unet(x, *args).sample.sum().backward()
+    training = unet.get_memory_footprint()
+    assert abs(training - _held(unet)) <= 0.03 * training, (training, _held(unet))
+    assert training > 1.5 * before  # codes and the engine's packed copy
+    with torch.no_grad():
+        unet(x.detach(), *args)
+    after = unet.get_memory_footprint()  # compacted: the packed weight replaced the codes
+    assert after <= 1.05 * before and abs(after - _held(unet)) <= 0.03 * after
