@@ -1,4 +1,5 @@
-"""dq's quantizer registered with diffusers without `import dq` importing diffusers (or torch).
+"""dq's quantizer registered with diffusers without `import dq` importing diffusers (or torch);
+`when_imported(module, callback)` is the mechanism (dq.onload uses it for transformers too).
 
 diffusers finds quantizers in the module-level dicts of `diffusers.quantizers.auto`
 (`dq.serialization.register` adds dq's entries there). `install()` runs on `import dq`:
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib.abc
 import sys
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -41,10 +43,10 @@ def _register() -> None:
 
 
 class _Loader(importlib.abc.Loader):
-    """The real loader of TARGET, then dq's registration."""
+    """The real loader of a module, then a callback."""
 
-    def __init__(self, inner: importlib.abc.Loader) -> None:
-        self._inner = inner
+    def __init__(self, inner: importlib.abc.Loader, then: Callable[[], None]) -> None:
+        self._inner, self._then = inner, then
 
     def create_module(self, spec: Any) -> ModuleType | None:
         return self._inner.create_module(spec)
@@ -54,44 +56,55 @@ class _Loader(importlib.abc.Loader):
         if module.__spec__ is not None:
             module.__spec__.loader = self._inner
         self._inner.exec_module(module)
-        _register()
+        self._then()
 
     def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, ...
         return getattr(self._inner, name)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
+    """One-shot: when `target` is imported, it runs as usual, then `then()` runs."""
+
+    def __init__(self, target: str, then: Callable[[], None]) -> None:
+        self.target, self.then = target, then
+
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != TARGET:
+        if fullname != self.target:
             return None
-        uninstall()  # one shot: the next import of anything is untouched
+        _remove(self.target)  # one shot: the next import of anything is untouched
         for finder in sys.meta_path:
             find = getattr(finder, "find_spec", None)
             spec = find(fullname, path, target) if find is not None else None
             if spec is not None:
                 if spec.loader is not None:
-                    spec.loader = _Loader(spec.loader)
+                    spec.loader = _Loader(spec.loader, self.then)
                 return spec
         return None
 
 
-_FINDER = _Finder()
+def _remove(target: str) -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not (isinstance(f, _Finder) and f.target == target)]
 
 
-def installed() -> bool:
-    """Whether dq is still waiting for diffusers' registry to be imported."""
-    return _FINDER in sys.meta_path
+def installed(target: str = TARGET) -> bool:
+    """Whether a callback still waits for `target` (default: diffusers' registry) to be imported."""
+    return any(isinstance(f, _Finder) and f.target == target for f in sys.meta_path)
 
 
-def uninstall() -> None:
-    while _FINDER in sys.meta_path:
-        sys.meta_path.remove(_FINDER)
+def uninstall(target: str = TARGET) -> None:
+    _remove(target)
+
+
+def when_imported(target: str, then: Callable[[], None]) -> None:
+    """Run `then()` now if module `target` is imported, else right after it is (idempotent per
+    target: a second call while one waits adds nothing)."""
+    module = sys.modules.get(target)
+    if module is not None and not getattr(module.__spec__, "_initializing", False):
+        then()
+    elif not installed(target):
+        sys.meta_path.insert(0, _Finder(target, then))
 
 
 def install() -> None:
-    """Register now if diffusers' registry is loaded, else when it is (idempotent)."""
-    module = sys.modules.get(TARGET)
-    if module is not None and not getattr(module.__spec__, "_initializing", False):
-        _register()
-    elif not installed():
-        sys.meta_path.insert(0, _FINDER)
+    """Register dq with diffusers now if its registry is loaded, else when it is."""
+    when_imported(TARGET, _register)

@@ -203,55 +203,9 @@ def register_with_transformers() -> None:
         mapping["dq"] = _transformers_stand_in()
 
 
-class _AfterImport:
-    """A one-shot `sys.meta_path` finder: runs `register_with_transformers` right after
-    transformers' registry module executes, then removes itself."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != _TRANSFORMERS_REGISTRY:
-            return None
-        _remove_finder()
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            spec = find(fullname, path, target) if find is not None else None
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _Then(spec.loader)
-                return spec
-        return None
-
-
-class _Then:
-    def __init__(self, inner: Any):
-        self._inner = inner
-
-    def create_module(self, spec: Any) -> Any:
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module: Any) -> None:
-        module.__loader__ = self._inner
-        if module.__spec__ is not None:
-            module.__spec__.loader = self._inner
-        self._inner.exec_module(module)
-        register_with_transformers()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-_FINDER = _AfterImport()
-
-
-def _remove_finder() -> None:
-    while _FINDER in sys.meta_path:
-        sys.meta_path.remove(_FINDER)
-
-
 def register_with_transformers_when_imported() -> None:
     """`register_with_transformers` now if transformers' registry is loaded, else as soon as
     it is imported (diffusers imports it when a PipelineQuantizationConfig is built)."""
-    module = sys.modules.get(_TRANSFORMERS_REGISTRY)
-    if module is not None and not getattr(module.__spec__, "_initializing", False):
-        register_with_transformers()
-    elif _FINDER not in sys.meta_path:
-        sys.meta_path.insert(0, _FINDER)
+    from dq._registration import when_imported
+
+    when_imported(_TRANSFORMERS_REGISTRY, register_with_transformers)
