@@ -272,14 +272,21 @@ def _random_inception(tmp_path, monkeypatch) -> Path:
     return tmp_path / "inception.pth"
 
 
-def test_standard_judges_offline_from_local_weights(world, first, tmp_path, monkeypatch):
+def _standard_run(first, tmp_path, monkeypatch, lpips: bool) -> tuple[str, E.EvalSettings]:
+    """(open_clip model name, settings) of the standard judges from local random weights, and a
+    copy of the first run's images under tmp_path / "run" to score again."""
     _, out1, _ = first
     name, clip_path = _tiny_open_clip(tmp_path)
     inception = _random_inception(tmp_path, monkeypatch)
     shutil.copytree(out1, tmp_path / "run", ignore=shutil.ignore_patterns(".stats", "report*"))
     settings = E.EvalSettings(evaluator="standard", clip_model=name, clip_weights=str(clip_path),
-                              inception_weights=str(inception), fid_feature=64, lpips=False,
+                              inception_weights=str(inception), fid_feature=64, lpips=lpips,
                               bootstrap=50)  # fmt: skip  (the 64-d tap: only Inception's first blocks run)
+    return name, settings
+
+
+def test_standard_judges_offline_from_local_weights(world, first, tmp_path, monkeypatch):
+    name, settings = _standard_run(first, tmp_path, monkeypatch, lpips=False)
     counter = {}
     rep = run(world, tmp_path / "run", evaluators=None, settings=settings, counter=counter)
     assert counter == {}  # images reused: only the judges changed
@@ -315,13 +322,7 @@ def offline_alexnet(tmp_path, monkeypatch):
 
 
 def test_lpips_vs_reference_runs_offline(world, first, tmp_path, monkeypatch, offline_alexnet):
-    _, out1, _ = first
-    name, clip_path = _tiny_open_clip(tmp_path)
-    inception = _random_inception(tmp_path, monkeypatch)
-    shutil.copytree(out1, tmp_path / "run", ignore=shutil.ignore_patterns(".stats", "report*"))
-    settings = E.EvalSettings(evaluator="standard", clip_model=name, clip_weights=str(clip_path),
-                              inception_weights=str(inception), fid_feature=64, lpips=True,
-                              bootstrap=50)  # fmt: skip
+    _, settings = _standard_run(first, tmp_path, monkeypatch, lpips=True)
     rep = run(world, tmp_path / "run", evaluators=None, settings=settings, counter={})
     assert rep["perceptual"].startswith("LPIPS (alex, torchmetrics)"), rep.get("perceptual")
     ref, q = rep["models"][0]["metrics"], rep["models"][1]["metrics"]
