@@ -165,3 +165,25 @@ def test_stored_rows_are_capped_evenly_over_the_trajectory(pipe):
     assert len(set(ref.calls["timestep"].tolist())) == 2  # both stored calls (timesteps) kept
     with pytest.raises(ValueError, match="max_rows"):
         S.SensitivitySettings(max_rows=0)
+
+
+def test_max_steps_caps_the_runs_and_none_keeps_the_sampling(pipe, monkeypatch):
+    seen = []
+    real = S.generate
+
+    def spy(p, prompts, sampling, **kw):
+        seen.append(sampling.num_inference_steps)
+        return real(p, prompts, sampling, **kw)
+
+    monkeypatch.setattr(S, "generate", spy)
+    four = Sampling(num_inference_steps=4, guidance_scale=2.0, batch_size=4)
+    for cap, want in ((2, 2), (None, 4), (10, 4)):
+        seen.clear()
+        st = S.SensitivitySettings(weight_candidates=("int8",), kinds=("weight",), num_images=1,
+                                   num_unet_calls=2, sampling=four, max_steps=cap)
+        t = S.analyze(pipe, PROMPTS, settings=st, progress=False)
+        assert seen and set(seen) == {want}, (cap, seen)
+        assert t.settings["sampling"]["num_inference_steps"] == want
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="max_steps"):
+            S.SensitivitySettings(max_steps=bad)
