@@ -103,6 +103,8 @@ PIPELINE_CONFIGS: dict[str, tuple[str, str]] = {
     "w4a8-ilp-rtn": ("w4a8", "nearest"),
     "w4a8-ilp-search": ("w4a8", "search"),
     "w4a8-ilp-learned": ("w4a8", "learned"),
+    # the preset as shipped: its own default sensitivity table (max_steps=10), computed here
+    "w4a8-ilp10-rtn": ("w4a8-default-table", "nearest"),
 }
 ALL_CONFIGS = [*CONFIGS, *PIPELINE_CONFIGS]
 
@@ -121,6 +123,7 @@ TARGETS = (
     ("w4a8-ilp-learned", "w4a8-ilp-rtn"),
     ("w4a8-ilp-learned", "w4a8-fp4-learned"),
     ("w4a8-ilp-learned", "w4a8-int4-learned"),
+    ("w4a8-ilp10-rtn", "w4a8-ilp-rtn"),
 )
 
 WORK = ROOT / "runs" / "rounding_embedded"
@@ -258,6 +261,8 @@ def build_with_dq(pipe, record, config: str, rounding: str, s: Settings, call: d
         a = AllocSettings()
         table = ROOT / a.cache / "sensitivity" / "table.json"  # the table allocate_embedded used
         cfg, extra = "w4a8", {"sensitivity": table if table.is_file() else load_table(pipe, a)}
+    elif config == "w4a8-default-table":
+        cfg, extra = "w4a8", {}
     else:  # "fp4-channel-uint8"
         cfg, extra = QuantConfig(default=LayerSpec("fp4_e2m1", s.granularity, "minmax", act=s.act)), {}
     settings = R.RoundingSettings(iterations=s.iterations) if rounding == "learned" else None
