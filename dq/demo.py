@@ -129,32 +129,22 @@ def _workload(settings: DemoSettings, assets_mod) -> tuple[list[str], list | Non
 
 
 def resident_bytes(unet: torch.nn.Module) -> int:
-    """Bytes a UNet holds for its weights right now: every parameter and buffer
-    (`get_memory_footprint()`; after the first forward on the CPU engine a compacted layer's
-    packed weight has replaced its codes) plus the engine's prepacked copies that are not
-    buffers (`dq.kernels.cache_nbytes` less the packed weights already counted).
+    """Bytes a UNet holds for its weights right now, float or quantized
+    (`dq.kernels.held_nbytes`: parameters, buffers and the engine's copies outside them).
 
     Example:
         >>> resident_bytes(pipe.unet) / (2 * sum(p.numel() for p in pipe.unet.parameters()))
     """
-    from dq import kernels
+    from dq.kernels import held_nbytes
 
-    tensors = [*unet.parameters(), *unet.buffers()]
-    own = sum(t.nelement() * t.element_size() for t in tensors)
-    held = sum(t.nelement() * t.element_size() for m in unet.modules() if (t := m._buffers.get("engine_weight")) is not None)
-    return own + kernels.cache_nbytes(unet) - held
+    return held_nbytes(unet)
 
 
-def _unet_inputs(cfg: Any, batch: int, latent: int, ctx_len: int, seed: int) -> dict:
-    """Random UNet inputs of one call: latent (batch, C, latent, latent), a timestep, text states."""
-    g = torch.Generator().manual_seed(seed)
-    ctx_dim = cfg["cross_attention_dim"]
-    ctx_dim = ctx_dim if isinstance(ctx_dim, int) else ctx_dim[0]
-    return {
-        "sample": torch.randn(batch, cfg["in_channels"], latent, latent, generator=g),
-        "timestep": torch.tensor(500 + 37 * seed),
-        "encoder_hidden_states": torch.randn(batch, ctx_len, ctx_dim, generator=g),
-    }
+def _unet_inputs(unet: torch.nn.Module, batch: int, latent: int, ctx_len: int, seed: int) -> dict:
+    """Random UNet inputs of one call (`dq.latency.unet_inputs`)."""
+    from dq.latency import unet_inputs
+
+    return unet_inputs(unet, batch=batch, latent=latent, text_len=ctx_len, seed=seed)
 
 
 def _forward_times(unet: torch.nn.Module, inputs: dict, repeats: int, warmup: int = 1) -> list[float]:
@@ -183,9 +173,7 @@ def _swap_in(root: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> None:
 
 def _embedded_unet_latency(unet: torch.nn.Module, pipe: Any, reps: int = 5) -> float:
     """The pipeline's own UNet call: batch 2 (classifier-free guidance), its latent size."""
-    cfg = dict(unet.config)
-    s = cfg["sample_size"]
-    inputs = _unet_inputs(cfg, 2, s if isinstance(s, int) else s[0], pipe.tokenizer.model_max_length, seed=1)
+    inputs = _unet_inputs(unet, 2, None, pipe.tokenizer.model_max_length, seed=1)
     return _median_forward(unet, inputs, reps)
 
 
@@ -257,7 +245,7 @@ def real_size_speed(
     build_s = time.perf_counter() - t0
     try:
         numel = sum(p.numel() for p in unet.parameters())
-        inputs = _unet_inputs(cfg, 1, latent, 77, seed=1)
+        inputs = _unet_inputs(unet, 1, latent, 77, seed=1)
         fp32_resident = resident_bytes(unet)
         floats = dq.quantizable_layers(unet)  # kept aside: fp32 is timed with these swapped back in
         if group_plan is not None:
@@ -271,7 +259,7 @@ def real_size_speed(
         else:
             qcfg = dq.QuantConfig.from_preset(config) if isinstance(config, str) else config
             plan = qcfg.name
-        calib = _unet_inputs(cfg, 1, latent, 77, seed=100)
+        calib = _unet_inputs(unet, 1, latent, 77, seed=100)
 
         def calibrate(model):
             with torch.inference_mode():

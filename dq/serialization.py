@@ -453,17 +453,12 @@ def install_model_methods(model: nn.Module) -> None:
 
 def _quantized_memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
     """`ModelMixin.get_memory_footprint` plus what the kernels hold for the model's layers
-    outside its tensors: the CPU engine's packed copy of codes still in `qdata` (after a
-    forward with gradients, which does not hand the codes over) and FP layers' derived int8
-    weights. A layer whose codes the engine took over holds one copy, already a buffer."""
-    from dq.kernels import cache_nbytes
+    outside its tensors (`dq.kernels.held_nbytes`): the CPU engine's packed copy of codes still
+    in `qdata` (after a forward with gradients, which does not hand the codes over) and FP
+    layers' derived int8 weights. A layer whose codes the engine took over holds one copy."""
+    from dq.kernels import held_nbytes
 
-    mem = sum(p.nelement() * p.element_size() for p in model.parameters())
-    if return_buffers:
-        mem += sum(b.nelement() * b.element_size() for b in model.buffers())
-    taken = sum(b.nelement() * b.element_size() for m in model.modules()
-                for n, b in m._buffers.items() if n == "engine_weight" and b is not None)  # fmt: skip
-    return mem + cache_nbytes(model) - taken
+    return held_nbytes(model, buffers=return_buffers)
 
 
 def _quantized_num_parameters(

@@ -58,8 +58,22 @@ def cache_nbytes(module=None) -> int:
     return cpu.PACK_CACHE.nbytes(weights) + sum(t.nelement() * t.element_size() for t in held)
 
 
+def held_nbytes(module, buffers: bool = True) -> int:
+    """Bytes `module` holds for its weights right now: its parameters (and buffers) plus the
+    kernels' copies that are not its tensors (`cache_nbytes` less the packed weights a
+    compacted layer already holds as its `engine_weight` buffer)."""
+    own = sum(t.nelement() * t.element_size() for t in module.parameters())
+    taken = 0
+    if buffers:
+        own += sum(t.nelement() * t.element_size() for t in module.buffers())
+        taken = sum(t.nelement() * t.element_size() for m in module.modules()
+                    if (t := m._buffers.get("engine_weight")) is not None)  # fmt: skip
+    return own + cache_nbytes(module) - taken
+
+
 __all__ = [
     "cache_nbytes",
+    "held_nbytes",
     "OP_NAMES",
     "available_backends",
     "conv2d_w8a8",
