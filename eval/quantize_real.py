@@ -93,23 +93,10 @@ class _PeakRSS:
 
 
 def _inputs(unet, lat: int, seed: int) -> dict:
-    import torch
+    """One batch-1 UNet call's random inputs at latent side `lat` (SDXL's added conditions too)."""
+    from dq.latency import unet_inputs
 
-    cfg = unet.config
-    g = torch.Generator().manual_seed(seed)
-    kw = {
-        "sample": torch.randn(1, cfg.in_channels, lat, lat, generator=g),
-        "timestep": torch.tensor(999.0 * torch.rand((), generator=g).item()),
-        "encoder_hidden_states": torch.randn(1, 77, cfg.cross_attention_dim, generator=g),
-    }
-    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text embedding + size/crop ids
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        px = float(lat * 8)
-        kw["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(1, pooled, generator=g),
-            "time_ids": torch.tensor([[px, px, 0.0, 0.0, px, px]]),
-        }
-    return kw
+    return unet_inputs(unet, batch=1, latent=lat, seed=seed)
 
 
 def _median_forward(unet, inputs: dict, s: Settings) -> tuple[float, object]:
@@ -127,15 +114,12 @@ def _median_forward(unet, inputs: dict, s: Settings) -> tuple[float, object]:
 
 
 def _held_bytes(unet) -> dict:
-    """What the UNet holds: parameters and buffers (the engine's packed weights are
-    non-persistent buffers, so the footprint counts them) plus the kernel cache entries of its
-    layers that are not such buffers."""
+    """What the UNet holds (`dq.kernels.held_nbytes`: parameters, buffers, and the kernel
+    cache entries of its layers that are not buffers), its footprint and its cache."""
     import dq.kernels
 
-    footprint = unet.get_memory_footprint()
-    cache = dq.kernels.cache_nbytes(unet)
-    engine = sum(m._buffers["engine_weight"].nbytes for m in unet.modules() if "engine_weight" in m._buffers)
-    return {"footprint": footprint, "cache": cache, "held": footprint + cache - engine}
+    return {"footprint": unet.get_memory_footprint(), "cache": dq.kernels.cache_nbytes(unet),
+            "held": dq.kernels.held_nbytes(unet)}
 
 
 def child(model: str, preset: str, s: Settings) -> dict:
